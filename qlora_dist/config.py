@@ -41,7 +41,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         if not self.name_or_path:
-            raise ConfigError("model.name_or_path is required: a local model folder, e.g. model.name_or_path=./my-llama")
+            raise ConfigError(
+                "model.name_or_path is required: a local model folder, e.g. model.name_or_path=./my-llama"
+            )
 
 
 @dataclass
@@ -64,7 +66,7 @@ class LoraConfig:
     """Scale numerator: the update is scaled by ``alpha / r``."""
     dropout: float = 0.05
     """Dropout on the adapter input during training."""
-    target_modules: Union[str, list[str]] = "all-linear"
+    target_modules: str | list[str] = "all-linear"
     """``all-linear`` (every linear layer but the output head) or a list of module names, e.g. [q_proj, v_proj]."""
 
     def validate(self) -> None:
@@ -184,7 +186,9 @@ class RunConfig:
 # Loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
     """Build a validated :class:`RunConfig` from a YAML file, a dict, and ``section.key=value`` overrides.
 
     Later sources win: ``base`` < file < overrides.

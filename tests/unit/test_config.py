@@ -50,7 +50,10 @@ def test_overrides_win_and_are_typed(tmp_path):
         (["train.epochs=two"], "train.epochs='two' is not an integer"),
         (["train.epochs=0"], "train.epochs=0 is out of range: must be >= 1"),
         (["lora.dropout=1.0"], "lora.dropout=1.0 is out of range"),
-        (["data.format=xml"], "data.format='xml' is not allowed: choose one of auto | alpaca | chat | text | completion"),
+        (
+            ["data.format=xml"],
+            "data.format='xml' is not allowed: choose one of auto | alpaca | chat | text | completion",
+        ),
         (["quant.compute_dtype=fp8"], "quant.compute_dtype='fp8' is not allowed"),
         (["output.merge=maybe"], "output.merge='maybe' is not a boolean"),
         (["lr=1"], "expected section.key=value"),

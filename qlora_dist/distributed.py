@@ -1,0 +1,112 @@
+"""Process-group plumbing: the right Accelerator for this machine, gradient-sync accounting, and gathers.
+
+The same accelerate launch files serve GPU nodes and CPU-only machines. On a machine without CUDA,
+accelerate only takes its gloo path when the ``Accelerator`` is told it is on CPU; otherwise
+``--multi_gpu --num_processes 2`` silently runs two independent single-process jobs. We detect that case
+here and refuse to run if the world size the launcher promised is not the one we got.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def on_cpu() -> bool:
+    """True when this process should train on the CPU (no CUDA, or accelerate was told ``use_cpu``)."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or not torch.cuda.is_available()
+
+
+def make_accelerator(timeout_minutes: int = 60, **kwargs: Any):
+    """An ``Accelerator`` with the right process-group backend for this machine and a generous timeout.
+
+    - CPU: ``cpu=True`` and gloo, so a launch config written for GPUs still forms one process group.
+    - GPU: NCCL.
+    - DDP with ``find_unused_parameters=False``: only LoRA weights require grad, and every one is used.
+    The timeout covers rank 0's merge at the end, during which the other ranks have already left.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cpu = on_cpu()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only under a launcher: naming a backend makes accelerate initialise a process group.
+        backend = "gloo" if cpu else "nccl"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=timeout_minutes)))
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers + list(kwargs.pop("kwargs_handlers", [])), **kwargs)
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(seen: int) -> None:
+    """Refuse to train when the launcher started N processes but each one formed a group of one."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if seen != expected:
+        raise UserError(
+            f"the launcher started {expected} processes but this one sees a world of {seen}: they would train "
+            "independently. Check the launch config (distributed_type, num_processes) and the process-group backend."
+        )
+
+
+class GradSyncCounter:
+    """A DDP communication hook that all-reduces each gradient bucket and counts its bytes.
+
+    DDP puts only parameters that require grad into buckets, so with a frozen base this counts exactly
+    the LoRA gradients that cross the network. ``bytes_total`` grows on synchronising steps only; micro-steps
+    under ``no_sync`` never call the hook.
+    """
+
+    def __init__(self) -> None:
+        self.bytes_total = 0
+        self.attached = False
+
+    def attach(self, model: torch.nn.Module) -> bool:
+        """Register on a DDP-wrapped model; returns False (and counts nothing) for an unwrapped one."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return False
+        model.register_comm_hook(state=None, hook=self._hook)
+        self.attached = True
+        return True
+
+    def _hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        buffer = bucket.buffer()
+        self.bytes_total += buffer.numel() * buffer.element_size()
+        return default_hooks.allreduce_hook(state, bucket)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks (one small collective); identity for a single process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU max allocated on CUDA; this process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

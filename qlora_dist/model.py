@@ -1,0 +1,244 @@
+"""The model side of QLoRA: a frozen 4-bit NF4 base on this process's device, with LoRA adapters on top.
+
+Every process holds its own full NF4 replica (DDP); nothing here talks to other processes. The functions
+are small and separate so that a user's own script can take just the ones it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, ModelConfig, QuantConfig
+from .errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU (fp16 where the GPU has no bf16) and float32 on a CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` for a frozen 4-bit base."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=_DTYPES[quant.storage_dtype],
+    )
+
+
+def check_model_path(cfg: ModelConfig) -> Path | None:
+    """Return the local folder of the model, or raise a UserError saying what is missing.
+
+    Returns None for something that looks like a hub id (``org/name`` with no such local folder); loading
+    then goes through the hub cache as usual.
+    """
+    p = Path(cfg.name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.name_or_path={cfg.name_or_path}: folder has no config.json (is it a model folder?)")
+        return p
+    if p.exists():
+        raise UserError(f"model.name_or_path={cfg.name_or_path}: expected a model folder, found a file")
+    looks_like_hub_id = cfg.name_or_path.count("/") == 1 and not cfg.name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model.name_or_path={cfg.name_or_path}: no such folder (give a local model folder)")
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer, with a pad token (falls back to eos) so batches can be padded."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the tokenizer from {source}: {_first_line(e)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_quantized_model(
+    cfg: ModelConfig, quant: QuantConfig, device: torch.device, compute_dtype: torch.dtype, device_map=True
+) -> nn.Module:
+    """Load the base in 4-bit on ``device`` and freeze every parameter.
+
+    ``device_map={"": device}`` puts the whole replica on this process's own GPU. Never ``"auto"``: with more
+    than one process that would spread every replica over all GPUs. ``device_map=False`` leaves placement to
+    the caller (DeepSpeed ZeRO-3 partitions the weights itself).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(cfg)
+    kwargs = {}
+    if device_map:
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            quantization_config=bnb_config(quant, compute_dtype),
+            dtype=compute_dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model.name_or_path={cfg.name_or_path}: {_first_line(e)}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    disable_cpu_repack(model)
+    return model
+
+
+def disable_cpu_repack(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16.
+
+    bitsandbytes 0.50's ``Linear4bit.forward`` converts its weight to a CPU-kernel layout the first time it
+    runs in eval mode without grad. That changes the base bytes (the frozen-base checksum), and training a layer
+    with a bias through the repacked weight then fails. Evaluation and merging here run in eval mode, so the
+    repack is turned off once, at load.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
+    """Recompute activations in backward. Non-reentrant by default: the reentrant version marks DDP
+    parameters ready twice ("Expected to mark a variable ready only once") and needs inputs that require grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.config.use_cache = False
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Short names (last path component) of the linear layers LoRA can target, output head excluded."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit)) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig):
+    """Wrap ``model`` in a peft LoRA model. Only the adapter weights are trainable afterwards.
+
+    Target names that match no linear layer are an error listing the names the model does have, because
+    peft would otherwise train a different set of layers than the user asked for, or none.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    available = linear_layer_names(model)
+    if cfg.target_modules != "all-linear":
+        missing = [m for m in cfg.target_modules if m not in available]
+        if missing:
+            raise ConfigError(
+                f"lora.target_modules: {', '.join(missing)} match no linear layer of this model; "
+                f"its linear layers are {', '.join(available)} (or use all-linear)"
+            )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical number of elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_grad_bytes(model: nn.Module) -> int:
+    """Bytes of all trainable gradients of one step (what DDP must all-reduce)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def base_checksum(model: nn.Module) -> str:
+    """sha256 over every frozen tensor (4-bit packed weights, their quantization state, norms, embeddings).
+
+    Equal before and after training, and on every rank, when the base stayed frozen and untouched.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(_frozen_tensors(model).items()):
+        h.update(name.encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def lora_checksum(model: nn.Module) -> str:
+    """sha256 over the trainable (adapter) weights; equal on every rank when gradients were synchronised."""
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
+def _frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for raw_name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        name = base_param_name(raw_name)
+        out[name] = p
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            for key, value in quant_state.as_dict(packed=True).items():
+                if torch.is_tensor(value):
+                    out[f"{name}.{key}"] = value
+    return out
+
+
+def base_param_name(name: str) -> str:
+    """A parameter's name in the plain base checkpoint: peft's wrapper prefix and ``.base_layer`` removed."""
+    name = name.removeprefix("module.").removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return p.numel()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

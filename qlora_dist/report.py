@@ -1,0 +1,68 @@
+"""Measured facts of a run: ``metrics.jsonl`` (one line per logged step), ``run_report.json`` and ``loss.png``.
+
+Only the main process writes. Files are written to a temporary name and renamed, so a reader never sees a
+half-written report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``; a no-op on non-main processes."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Plot training (and eval) loss against the optimizer step; returns False when there is nothing to plot."""
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in train], [v for _, v in train], label="train loss")
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
