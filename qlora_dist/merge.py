@@ -103,6 +103,7 @@ def merge_trained(
     tokenizer: Any,
     check_batches: list[torch.Tensor],
     trust_remote_code: bool = False,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Merge on the calling (main) process and verify against the QLoRA model it came from.
 
@@ -117,10 +118,11 @@ def merge_trained(
     save_atomically(merged, tokenizer, out_dir)
     seconds = time.perf_counter() - start
     log.info(
-        "merged adapter into the %s base (%s) in %.1fs; relative logit error %s", merge_base, dtype, seconds, error
-    )
+        "rank %d merged the adapter into the %s base (%s) in %.1fs; relative logit error %s",
+        rank, merge_base, dtype, seconds, error,
+    )  # fmt: skip
     return {
-        "merged_by_rank": 0,
+        "merged_by_rank": rank,
         "base": merge_base,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,

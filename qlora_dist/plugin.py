@@ -232,6 +232,7 @@ class QLoRAPlugin:
                 tokenizer,
                 check_batches or [],
                 cfg.model.trust_remote_code,
+                rank=accelerator.process_index,
             )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
