@@ -54,8 +54,9 @@ class QuantConfig:
     """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
     compute_dtype: DType = "auto"
     """dtype the 4-bit layers compute in: ``auto`` is bfloat16 on a GPU, float32 on a CPU."""
-    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    """dtype the packed 4-bit weights are stored in. ZeRO-3 needs it equal to the compute dtype."""
+    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the packed 4-bit weights are stored in: ``auto`` is uint8, or the compute dtype under ZeRO-3
+    (which can only partition the weights in that dtype)."""
 
 
 @dataclass
@@ -123,6 +124,8 @@ class TrainConfig:
     """Seeds the adapter init, dropout and the data order (a new order each epoch)."""
     optimizer: Optimizer = "paged_adamw_8bit"
     """bitsandbytes paged/8-bit AdamW, or torch's AdamW."""
+    strategy: Literal["auto", "ddp", "zero2", "zero3"] = "auto"
+    """Distribution strategy. ``auto`` follows the launch config; any other value must agree with it."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
     eval_steps: int = 0

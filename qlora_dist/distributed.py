@@ -28,22 +28,25 @@ def on_cpu() -> bool:
     return forced or not torch.cuda.is_available()
 
 
-def make_accelerator(timeout_minutes: int = 60, **kwargs: Any):
+def make_accelerator(cpu: bool | None = None, timeout_minutes: int = 60, **kwargs: Any):
     """An ``Accelerator`` with the right process-group backend for this machine and a generous timeout.
 
-    - CPU: ``cpu=True`` and gloo, so a launch config written for GPUs still forms one process group.
-    - GPU: NCCL.
+    - ``cpu``: tell accelerate it is on CPU (its gloo DDP path). Defaults to "no CUDA here"; the DeepSpeed
+      strategy passes False, because accelerate drops DeepSpeed when told ``cpu=True``.
+    - Under a launcher the backend is named: gloo without CUDA (else DeepSpeed on CPU sees a world of 1),
+      NCCL with it.
     - DDP with ``find_unused_parameters=False``: only LoRA weights require grad, and every one is used.
     The timeout covers rank 0's merge at the end, during which the other ranks have already left.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    cpu = on_cpu()
+    no_cuda = on_cpu()
+    cpu = no_cuda if cpu is None else cpu
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Only under a launcher: naming a backend makes accelerate initialise a process group.
-        backend = "gloo" if cpu else "nccl"
+        backend = "gloo" if no_cuda else "nccl"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=timeout_minutes)))
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=handlers + list(kwargs.pop("kwargs_handlers", [])), **kwargs)
     check_world_size(accelerator.num_processes)

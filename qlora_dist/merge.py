@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def dequantized_base_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def dequantized_base_weights(
+    model: nn.Module, dtype: torch.dtype, gathered=None, keep: bool = True
+) -> dict[str, torch.Tensor]:
     """``{base weight name: dequantized weight on CPU}`` for every 4-bit layer of ``model`` (peft or plain).
 
     Names are those of the plain base checkpoint (peft's ``base_model.model.`` prefix and ``.base_layer``
-    removed), so they index a freshly loaded unquantized model directly.
+    removed), so they index a freshly loaded unquantized model directly. ``gathered(params)`` makes a
+    ZeRO-3-sharded weight whole; under ZeRO-3 every rank calls this (one layer gathered at a time) and only
+    the one with ``keep`` stores the result.
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -38,8 +43,10 @@ def dequantized_base_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, 
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             w = module.weight
-            dense = F.dequantize_4bit(w.data, w.quant_state)
-            out[base_param_name(name + ".weight")] = dense.to("cpu", dtype)
+            with gathered([w]) if gathered is not None else nullcontext():
+                if keep:
+                    dense = F.dequantize_4bit(w.data, w.quant_state)
+                    out[base_param_name(name + ".weight")] = dense.to("cpu", dtype)
     return out
 
 
@@ -49,7 +56,8 @@ def load_merge_base(
     """The unquantized base in ``dtype`` on CPU; its 4-bit layers replaced by ``dequantized`` when given."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    with _without_zero3_init():
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if dequantized:
         params = dict(model.named_parameters())
         missing = sorted(set(dequantized) - set(params))
@@ -69,14 +77,16 @@ def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def relative_logit_error(reference: nn.Module, candidate: nn.Module, batches: list[torch.Tensor]) -> float:
-    """``||candidate - reference|| / ||reference||`` over the logits of ``batches`` (token id tensors)."""
-    num = den = 0.0
-    for ids in batches:
-        ref = reference(input_ids=ids.to(_device_of(reference))).logits.float().cpu()
-        got = candidate(input_ids=ids.to(_device_of(candidate))).logits.float().cpu()
-        num += float((got - ref).pow(2).sum())
-        den += float(ref.pow(2).sum())
+def logits_of(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float32 CPU logits of ``model`` for each batch of token ids (under ZeRO-3, every rank must call this)."""
+    device = _device_of(model)
+    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batches]
+
+
+def relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    """``||candidate - reference|| / ||reference||`` over all tensors together."""
+    num = sum(float((c - r).pow(2).sum()) for r, c in zip(reference, candidate, strict=True))
+    den = sum(float(r.pow(2).sum()) for r in reference)
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -94,42 +104,60 @@ def save_atomically(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
 
 
 def merge_trained(
-    qlora_model: nn.Module,
     adapter_dir: Path,
+    dequantized: dict[str, torch.Tensor] | None,
     base_path: str,
     out_dir: Path,
-    merge_base: str,
     dtype: torch.dtype,
     tokenizer: Any,
     check_batches: list[torch.Tensor],
+    reference_logits: list[torch.Tensor],
     trust_remote_code: bool = False,
     rank: int = 0,
 ) -> dict[str, Any]:
-    """Merge on the calling (main) process and verify against the QLoRA model it came from.
+    """Merge on the calling (main) process and verify against the QLoRA model's logits.
 
-    Returns the ``merge`` section of ``run_report.json``.
+    ``dequantized`` holds the trained-against NF4 weights dequantized (``merge_base: dequantized``), or is
+    None to merge into the original weights. ``reference_logits`` are the QLoRA model's (NF4 base + adapter)
+    logits on ``check_batches``, computed before the merge. Returns ``run_report.json``'s ``merge`` section.
     """
     start = time.perf_counter()
-    qlora_model.eval()
-    dequantized = dequantized_base_weights(qlora_model, dtype) if merge_base == "dequantized" else None
     merged = merge_adapter(load_merge_base(base_path, dtype, dequantized, trust_remote_code), adapter_dir)
     merged.eval()
-    error = relative_logit_error(qlora_model, merged, check_batches) if check_batches else None
+    error = relative_error(reference_logits, logits_of(merged, check_batches)) if check_batches else None
     save_atomically(merged, tokenizer, out_dir)
     seconds = time.perf_counter() - start
+    base = "dequantized" if dequantized is not None else "original"
     log.info(
         "rank %d merged the adapter into the %s base (%s) in %.1fs; relative logit error %s",
-        rank, merge_base, dtype, seconds, error,
+        rank, base, dtype, seconds, error,
     )  # fmt: skip
     return {
         "merged_by_rank": rank,
-        "base": merge_base,
+        "base": base,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,
         "checked_sequences": sum(int(b.shape[0]) for b in check_batches),
         "seconds": round(seconds, 3),
         "path": str(out_dir),
     }
+
+
+@contextmanager
+def _without_zero3_init():
+    """Load a plain model on this process alone, even inside a ZeRO-3 run.
+
+    accelerate registers the run's DeepSpeed config with transformers, which then builds every model under
+    ``zero.Init``: a collective. Rank 0 merges after the other ranks have left, so it must not partition.
+    """
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -6,6 +6,8 @@ are small and separate so that a user's own script can take just the ones it nee
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -53,6 +55,7 @@ def check_model_path(cfg: ModelConfig) -> Path | None:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"model.name_or_path={cfg.name_or_path}: folder has no config.json (is it a model folder?)")
+        check_not_prequantized(p / "config.json")
         return p
     if p.exists():
         raise UserError(f"model.name_or_path={cfg.name_or_path}: expected a model folder, found a file")
@@ -60,6 +63,22 @@ def check_model_path(cfg: ModelConfig) -> Path | None:
     if not looks_like_hub_id:
         raise UserError(f"model.name_or_path={cfg.name_or_path}: no such folder (give a local model folder)")
     return None
+
+
+def check_not_prequantized(config_json: Path) -> None:
+    """Refuse checkpoints already quantized by another method (GPTQ, AWQ, ...): QLoRA quantizes an
+    unquantized checkpoint to NF4 itself, and a pre-quantized one cannot be re-quantized or sharded by ZeRO-3."""
+    import json
+
+    try:
+        method = (json.loads(config_json.read_text()).get("quantization_config") or {}).get("quant_method")
+    except (OSError, ValueError):
+        return
+    if method and method != "bitsandbytes":
+        raise ConfigError(
+            f"{config_json.parent} is pre-quantized with {method}: qlora_dist quantizes to NF4 itself; "
+            "point model.name_or_path at the unquantized (fp16/bf16) checkpoint"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -77,20 +96,28 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_quantized_model(
-    cfg: ModelConfig, quant: QuantConfig, device: torch.device, compute_dtype: torch.dtype, device_map=True
+    cfg: ModelConfig,
+    quant: QuantConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    device_map: dict | None | bool = True,
 ) -> nn.Module:
     """Load the base in 4-bit on ``device`` and freeze every parameter.
 
-    ``device_map={"": device}`` puts the whole replica on this process's own GPU. Never ``"auto"``: with more
-    than one process that would spread every replica over all GPUs. ``device_map=False`` leaves placement to
-    the caller (DeepSpeed ZeRO-3 partitions the weights itself).
+    ``device_map=True`` means ``{"": device}``: the whole replica on this process's own device. Never
+    ``"auto"``: with more than one process that would spread every replica over all GPUs. ``None`` leaves
+    placement to DeepSpeed ZeRO-3, which partitions the weights while they load.
     """
     from transformers import AutoModelForCausalLM
 
     check_model_path(cfg)
+    if quant.storage_dtype == "auto":
+        quant = dataclasses.replace(quant, storage_dtype="uint8")
     kwargs = {}
-    if device_map:
+    if device_map is True:
         kwargs["device_map"] = {"": device}
+    elif device_map:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
@@ -182,42 +209,55 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def trainable_grad_bytes(model: nn.Module) -> int:
     """Bytes of all trainable gradients of one step (what DDP must all-reduce)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(_logical_numel(p) * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def base_checksum(model: nn.Module) -> str:
+def base_checksum(model: nn.Module, gathered=None) -> str:
     """sha256 over every frozen tensor (4-bit packed weights, their quantization state, norms, embeddings).
 
     Equal before and after training, and on every rank, when the base stayed frozen and untouched.
+    ``gathered(params)`` is a context making sharded parameters whole (ZeRO-3); parameters are gathered one
+    at a time so the whole base never has to fit at once. Under ZeRO-3 every rank must call this.
     """
     h = hashlib.sha256()
-    for name, tensor in sorted(_frozen_tensors(model).items()):
-        h.update(name.encode())
-        h.update(_tensor_bytes(tensor))
+    frozen = sorted((base_param_name(n), p) for n, p in model.named_parameters() if not p.requires_grad)
+    for name, p in frozen:
+        with gathered([p]) if gathered is not None else contextlib.nullcontext():
+            for key, tensor in _with_quant_state(name, p):
+                h.update(key.encode())
+                h.update(_tensor_bytes(tensor))
     return h.hexdigest()
 
 
-def lora_checksum(model: nn.Module) -> str:
-    """sha256 over the trainable (adapter) weights; equal on every rank when gradients were synchronised."""
+def local_base_bytes(model: nn.Module) -> int:
+    """Bytes of frozen base weights this rank holds (its ZeRO-3 partition, or the whole replica)."""
+    total = 0
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            held = getattr(p, "ds_tensor", p)
+            total += held.numel() * held.element_size()
+    return total
+
+
+def lora_checksum(model: nn.Module, gathered=None) -> str:
+    """sha256 over the trainable (adapter) weights; equal on every rank when gradients were synchronised.
+    ``gathered`` as in :func:`base_checksum`."""
     h = hashlib.sha256()
-    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
-        h.update(name.encode())
-        h.update(_tensor_bytes(p))
+    trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with gathered([p for _, p in trainable]) if gathered is not None else contextlib.nullcontext():
+        for name, p in trainable:
+            h.update(name.encode())
+            h.update(_tensor_bytes(p))
     return h.hexdigest()
 
 
-def _frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for raw_name, p in model.named_parameters():
-        if p.requires_grad:
-            continue
-        name = base_param_name(raw_name)
-        out[name] = p
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None:
-            for key, value in quant_state.as_dict(packed=True).items():
-                if torch.is_tensor(value):
-                    out[f"{name}.{key}"] = value
+def _with_quant_state(name: str, p: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    out = [(name, p)]
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        for key, value in sorted(quant_state.as_dict(packed=True).items()):
+            if torch.is_tensor(value):
+                out.append((f"{name}.{key}", value))
     return out
 
 
@@ -236,7 +276,7 @@ def _logical_numel(p: torch.Tensor) -> int:
     quant_state = getattr(p, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
-    return p.numel()
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 leaves a 0-sized placeholder on the module
 
 
 def _first_line(e: Exception) -> str:

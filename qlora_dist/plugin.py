@@ -30,10 +30,11 @@ import torch
 from . import data as data_mod
 from . import model as model_mod
 from .config import RunConfig, from_dict, load_config
-from .distributed import GradSyncCounter, gather_objects, make_accelerator, on_cpu, peak_memory_bytes
+from .distributed import gather_objects, make_accelerator, on_cpu, peak_memory_bytes
 from .errors import UserError
-from .merge import QUANT_META, merge_trained
+from .merge import QUANT_META, dequantized_base_weights, logits_of, merge_trained
 from .report import write_json
+from .strategies import Strategy, resolve_strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class QLoRAPlugin:
     def __init__(self, config: RunConfig) -> None:
         self.config = config.validate()
         self.output_dir = Path(config.output.dir)
-        self.grad_sync = GradSyncCounter()
+        # The launch decides the strategy; a contradicting run config fails here, before anything loads.
+        self.strategy: Strategy = resolve_strategy(self.config)
         self.facts: dict[str, Any] = {}
         self._start = time.perf_counter()
 
@@ -76,7 +78,7 @@ class QLoRAPlugin:
                 f"output.dir={self.output_dir} already holds a finished run; "
                 "choose another output.dir or set output.overwrite=true"
             )
-        accelerator = make_accelerator(**kwargs)
+        accelerator = make_accelerator(**{**self.strategy.accelerator_kwargs(on_cpu()), **kwargs})
         self.compute_dtype = model_mod.resolve_dtype(self.config.quant.compute_dtype, accelerator.device)
         if on_cpu() and accelerator.is_main_process and self.config.train.optimizer.startswith("paged"):
             log.info(
@@ -92,8 +94,16 @@ class QLoRAPlugin:
         """The NF4 base on this process's device, frozen, checkpointed, with LoRA attached; and its tokenizer."""
         cfg = self.config
         tokenizer = tokenizer if tokenizer is not None else self.load_tokenizer()
-        base = model_mod.load_quantized_model(cfg.model, cfg.quant, accelerator.device, self.compute_dtype)
-        self.facts["base_checksum_before"] = model_mod.base_checksum(base)
+        quant = dataclasses.replace(cfg.quant, storage_dtype=self.strategy.storage_dtype(cfg, self.compute_dtype))
+        self.quant = quant
+        base = model_mod.load_quantized_model(
+            cfg.model,
+            quant,
+            accelerator.device,
+            self.compute_dtype,
+            device_map=self.strategy.device_map(accelerator.device),
+        )
+        self.facts["base_checksum_before"] = model_mod.base_checksum(base, self.strategy.gathered)
         if cfg.train.gradient_checkpointing:
             model_mod.enable_gradient_checkpointing(base)
         # Seed right before LoRA init so every rank starts from the same adapter weights.
@@ -123,22 +133,28 @@ class QLoRAPlugin:
         """The configured optimizer over the trainable (adapter) parameters only."""
         params = [p for p in model.parameters() if p.requires_grad]
         t = self.config.train
-        if t.optimizer == "adamw":
+        name = self.strategy.optimizer_name(t.optimizer)
+        self.facts["optimizer"] = name
+        if name == "adamw":
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        if name == "deepspeed_cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
         import bitsandbytes as bnb
 
         cls = {
             "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
             "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
             "adamw_8bit": bnb.optim.AdamW8bit,
-        }[t.optimizer]
+        }[name]
         return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def prepare(self, accelerator, model, optimizer):
-        """``accelerator.prepare`` the model and optimizer, then count the bytes DDP all-reduces."""
-        model, optimizer = accelerator.prepare(model, optimizer)
-        self.grad_sync.attach(model)
-        return model, optimizer
+        """Wrap model and optimizer for the strategy (DDP or a DeepSpeed engine) and start counting the bytes
+        its collectives move."""
+        t = self.config.train
+        return self.strategy.prepare(accelerator, model, optimizer, t.micro_batch_size, t.grad_accum, t.max_grad_norm)
 
     def steps_per_epoch(self, num_examples: int, world_size: int) -> int:
         """Optimizer steps in one epoch of ``num_examples`` sharded over ``world_size`` ranks."""
@@ -169,68 +185,80 @@ class QLoRAPlugin:
     def finish(self, accelerator, model, tokenizer, stats: dict[str, Any] | None = None, check_batches=None):
         """Save the adapter, gather per-rank facts, merge on rank 0, write ``run_report.json``.
 
-        Non-main processes return right after the gathers, so they never wait on a collective while rank 0
-        merges. Returns the report on the main process and None elsewhere.
+        Everything that needs every rank (the QLoRA model's reference logits, checksums over the gathered base,
+        the gathered adapter and base weights under ZeRO-3) happens first; then the other ranks return, so they
+        never wait on a collective while rank 0 merges. Returns the report on the main process, else None.
         """
-        cfg = self.config
+        cfg, stats, strategy = self.config, stats or {}, self.strategy
+        main = accelerator.is_main_process
         unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        check_batches = check_batches or []
+        # The QLoRA model's (NF4 base + adapter) logits: what the merged model must reproduce.
+        reference = logits_of(unwrapped, check_batches) if cfg.output.merge else []
         per_rank = gather_objects(
             {
-                "base_checksum_after": model_mod.base_checksum(unwrapped),
-                "lora_checksum": model_mod.lora_checksum(unwrapped),
+                "base_checksum_after": model_mod.base_checksum(unwrapped, strategy.gathered),
+                "lora_checksum": model_mod.lora_checksum(unwrapped, strategy.gathered),
                 "peak_memory_bytes": peak_memory_bytes(accelerator.device),
-                "examples": (stats or {}).get("examples_first_epoch"),
-                "indices": (stats or {}).get("indices_first_epoch", []),
+                "base_bytes": model_mod.local_base_bytes(unwrapped),
+                "indices": stats.get("indices_first_epoch", []),
             }
         )
-        if not accelerator.is_main_process:
+        adapter_state = self._adapter_state(unwrapped, keep=main)
+        merge_dtype = self._merge_dtype(accelerator.device)
+        dequantized = None
+        if cfg.output.merge and cfg.output.merge_base == "dequantized":
+            dequantized = dequantized_base_weights(unwrapped, merge_dtype, strategy.gathered, keep=main)
+        if not main:
             return None
+
         adapter_dir = self.output_dir / "adapter"
-        unwrapped.save_pretrained(adapter_dir, safe_serialization=True)
+        unwrapped.save_pretrained(adapter_dir, state_dict=adapter_state, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         # Record the 4-bit settings the adapter was trained against, so a later `qlora-dist merge` can rebuild
         # the same dequantized base.
         write_json(
             adapter_dir / QUANT_META,
-            {"quant": dataclasses.asdict(cfg.quant), "compute_dtype": str(self.compute_dtype).replace("torch.", "")},
+            {"quant": dataclasses.asdict(self.quant), "compute_dtype": _name(self.compute_dtype)},
         )
+        steps = stats.get("steps") or 0
+        comm = strategy.comm_bytes()
         report: dict[str, Any] = {
             "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "strategy": strategy.name,
             "device": accelerator.device.type,
-            "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+            "compute_dtype": _name(self.compute_dtype),
+            "quant_storage_dtype": self.quant.storage_dtype,
+            "optimizer": self.facts.get("optimizer"),
             **{
                 k: self.facts[k]
                 for k in ("trainable_params", "total_params", "trainable_grad_bytes", "full_grad_bytes")
             },
-            "grad_sync_bytes_per_step": None,
+            "grad_sync_bytes_per_step": comm["grad_sync"] // steps if steps else None,
+            "param_gather_bytes_per_step": comm["param_gather"] // steps if steps else None,
+            "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // steps if steps else None,
             "base_checksum_before": self.facts["base_checksum_before"],
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
             "lora_checksum_per_rank": [r["lora_checksum"] for r in per_rank],
-            "examples_per_rank": [r["examples"] for r in per_rank],
-            "data_shards": shard_facts([r["indices"] for r in per_rank], (stats or {}).get("num_examples")),
+            "examples_per_rank": [len(r["indices"]) for r in per_rank],
+            "data_shards": shard_facts([r["indices"] for r in per_rank], stats.get("num_examples")),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
+            "base_bytes_per_rank": [r["base_bytes"] for r in per_rank],
         }
-        steps = (stats or {}).get("steps")
-        if steps:
-            report["grad_sync_bytes_per_step"] = self.grad_sync.bytes_total // steps if self.grad_sync.attached else 0
-        report.update(
-            {k: v for k, v in (stats or {}).items() if k not in ("examples_first_epoch", "indices_first_epoch")}
-        )
+        report.update({k: v for k, v in stats.items() if k not in ("examples_first_epoch", "indices_first_epoch")})
         report["merge"] = None
         if cfg.output.merge:
-            merge_dtype = model_mod.resolve_dtype(cfg.output.merge_dtype, accelerator.device)
-            if cfg.output.merge_dtype == "auto":
-                merge_dtype = self.compute_dtype
             report["merge"] = merge_trained(
-                unwrapped,
                 adapter_dir,
+                dequantized,
                 cfg.model.name_or_path,
                 self.output_dir / "merged",
-                cfg.output.merge_base,
                 merge_dtype,
                 tokenizer,
-                check_batches or [],
+                check_batches,
+                reference,
                 cfg.model.trust_remote_code,
                 rank=accelerator.process_index,
             )
@@ -238,11 +266,38 @@ class QLoRAPlugin:
         write_json(self.output_dir / "run_report.json", report)
         return report
 
+    def _adapter_state(self, model, keep: bool) -> dict[str, torch.Tensor]:
+        """The adapter's weights, whole (gathered under ZeRO-3), as CPU copies; empty where not ``keep``.
+
+        A ZeRO-3 adapter read without gathering has 0-sized tensors and would save as an empty adapter:
+        refuse that rather than write it.
+        """
+        from peft import get_peft_model_state_dict
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with self.strategy.gathered(trainable):
+            state = (
+                {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()} if keep else {}
+            )
+        empty = [k for k, v in state.items() if v.numel() == 0]
+        if keep and (not state or empty):
+            raise RuntimeError(f"adapter state has empty tensors (not gathered?): {empty[:3]}")
+        return state
+
+    def _merge_dtype(self, device: torch.device) -> torch.dtype:
+        if self.config.output.merge_dtype == "auto":
+            return self.compute_dtype
+        return model_mod.resolve_dtype(self.config.output.merge_dtype, device)
+
     def write_resolved_config(self, accelerator) -> None:
         """Rank 0 writes the resolved config (every default filled in) into the output folder."""
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml())
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def shard_facts(indices_per_rank: list[list[int]], num_examples: int | None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import itertools
 import logging
 import math
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 def train(config: RunConfig) -> dict[str, Any] | None:
     """Train, save the adapter, merge on rank 0. Returns the run report on the main process, else None."""
     plugin = QLoRAPlugin(config)
-    t = plugin.config.train
+    t, strategy = plugin.config.train, plugin.strategy
     accelerator = plugin.make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -63,14 +62,9 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         for micro_batches in plugin.epoch_steps(train_data, epoch, rank, world, pad_id):
             if step >= total_steps:
                 break
-            loss, step_tokens = train_step(model, micro_batches, accelerator, world)
-            if t.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-            else:
-                grad_norm = None
-            optimizer.step()
+            loss, step_tokens = train_step(model, micro_batches, accelerator, strategy)
+            grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             initial_loss = loss if initial_loss is None else initial_loss
@@ -107,32 +101,31 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
         "train_seconds": round(train_seconds, 3),
     }
+    if accelerator.is_main_process:
+        plot_loss(metrics.rows, plugin.output_dir / "loss.png")
     report = plugin.finish(accelerator, model, tokenizer, stats, check_batches=merge_check_batches(train_data))
-    if report is not None and plot_loss(metrics.rows, plugin.output_dir / "loss.png"):
-        report["loss_plot"] = str(plugin.output_dir / "loss.png")
     accelerator.end_training()
     return report
 
 
-def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, world: int) -> tuple[float, int]:
+def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (global mean loss, real tokens).
 
     The loss is normalised by the label tokens of the whole global batch (every rank, every micro-batch), and
-    multiplied by the world size because DDP averages gradients over ranks. The gradient is then the same
-    whatever the split: 2 ranks x micro-batch b gives what 1 rank x 2b gives.
+    multiplied by the world size because DDP and DeepSpeed average gradients over ranks. The gradient is then
+    the same whatever the split: 2 ranks x micro-batch b gives what 1 rank x 2b gives.
     """
     local_targets = sum(target_count(b) for b in micro_batches)
     (global_targets,) = all_reduce_sum([local_targets], accelerator.device)
-    scale = world / max(global_targets, 1.0)
+    scale = accelerator.num_processes / max(global_targets, 1.0)
     loss_sum, real_tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "index"}
         real_tokens += real_token_count(batch)
-        # No all-reduce on accumulation micro-steps: DDP synchronises on the step's last backward only.
-        sync = i == len(micro_batches) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
+        # Gradients cross the network once per optimizer step, on its last micro-batch.
+        with strategy.micro_step(model, sync=i == len(micro_batches) - 1):
             summed = token_loss_sum(model, batch)
-            accelerator.backward(summed * scale)
+            strategy.backward(accelerator, model, summed * scale)
         loss_sum += float(summed.detach())
     total_loss, total_real = all_reduce_sum([loss_sum, real_tokens], accelerator.device)
     return total_loss / max(global_targets, 1.0), int(total_real)
@@ -167,12 +160,18 @@ def evaluate(model, dataset, accelerator, batch_size: int, pad_id: int) -> float
     net.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(dataset), world))
+    # Every rank runs the same number of forwards: under ZeRO-3 each forward gathers weights collectively.
+    # A rank with no examples left repeats example 0 and counts nothing.
+    batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     loss_sum, targets = 0.0, 0
-    for s in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[s : s + batch_size]], pad_id)
+    for b in range(batches):
+        chunk = indices[b * batch_size : (b + 1) * batch_size]
+        batch = collate([dataset[i] for i in (chunk or [0])], pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss_sum += float(token_loss_sum(net, batch))
-        targets += target_count(batch)
+        summed = float(token_loss_sum(net, batch))
+        if chunk:
+            loss_sum += summed
+            targets += target_count(batch)
     net.train()
     total_loss, total_targets = all_reduce_sum([loss_sum, targets], accelerator.device)
     return total_loss / max(total_targets, 1.0)

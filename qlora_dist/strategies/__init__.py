@@ -1,0 +1,91 @@
+"""Distribution strategies: what changes between DDP and DeepSpeed ZeRO, in one small protocol.
+
+The launch config (accelerate's, in ``launch_configs/``) decides the strategy; ``resolve_strategy`` reads it
+from the environment accelerate's launcher sets, before anything heavy loads, and refuses a run config
+that contradicts it (``train.strategy``) or a combination known to fail.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import torch
+
+from ..config import RunConfig
+from ..errors import ConfigError
+
+
+class Strategy(Protocol):
+    """Everything the training loop and the plugin ask of a distribution strategy."""
+
+    name: str
+    """``single``, ``ddp``, ``zero2`` or ``zero3`` (``run_report.json``'s ``strategy``)."""
+    shards_parameters: bool
+    """True when each rank holds only a share of every parameter (ZeRO-3)."""
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse known-bad combinations before anything loads (ConfigError naming the setting to change)."""
+
+    def storage_dtype(self, config: RunConfig, compute_dtype: torch.dtype) -> str:
+        """The 4-bit storage dtype to load with (ZeRO-3 needs it equal to the compute dtype)."""
+
+    def optimizer_name(self, requested: str) -> str:
+        """The optimizer that works under this strategy (the requested one, or a replacement)."""
+
+    def accelerator_kwargs(self, cpu: bool) -> dict[str, Any]:
+        """Extra ``Accelerator`` arguments (``cpu``) for this strategy."""
+
+    def device_map(self, device: torch.device) -> dict[str, Any] | None:
+        """``from_pretrained``'s device_map: this rank's device, or None when the strategy places weights."""
+
+    def prepare(self, accelerator, model, optimizer, micro_batch_size: int, grad_accum: int, max_grad_norm: float):
+        """Wrap model and optimizer; start counting communication."""
+
+    def micro_step(self, model, sync: bool) -> AbstractContextManager:
+        """Context for one micro-step's forward and backward; gradients are synchronised when ``sync``."""
+
+    def backward(self, accelerator, model, loss: torch.Tensor) -> None:
+        """Backward of an already-normalised loss (no extra scaling by accumulation steps)."""
+
+    def step(self, accelerator, model, optimizer, max_grad_norm: float) -> float | None:
+        """Clip, step, zero the gradients; returns the gradient norm before clipping when known."""
+
+    def gathered(self, params: list[torch.nn.Parameter]) -> AbstractContextManager:
+        """Context in which ``params`` are whole on every rank (a collective under ZeRO-3)."""
+
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes counted so far: ``grad_sync``, ``param_gather``, ``optimizer_gather``."""
+
+
+def launched_with_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def resolve_strategy(config: RunConfig) -> Strategy:
+    """The strategy the launch implies, checked against ``train.strategy`` and the run config."""
+    from .ddp import DDPStrategy
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_with_deepspeed():
+        from .deepspeed import DeepSpeedStrategy
+
+        strategy: Strategy = DeepSpeedStrategy.from_env()
+    else:
+        strategy = DDPStrategy(world_size=world)
+    wanted = config.train.strategy
+    if wanted != "auto" and wanted != strategy.name and not (wanted == "ddp" and strategy.name == "single"):
+        raise ConfigError(
+            f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
+            f"{_LAUNCH_HINT.get(wanted, 'the matching launch config')} or set train.strategy=auto"
+        )
+    strategy.check(config)
+    return strategy
+
+
+_LAUNCH_HINT = {
+    "ddp": "launch_configs/multi_gpu_ddp.yaml",
+    "zero2": "launch_configs/deepspeed_zero2.yaml",
+    "zero3": "launch_configs/deepspeed_zero3.yaml (or deepspeed_zero3_offload.yaml)",
+}

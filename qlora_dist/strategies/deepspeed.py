@@ -1,0 +1,237 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 (optionally with CPU offload) for a 4-bit base with LoRA adapters.
+
+The traps this module handles so the user does not have to:
+
+- accelerate drops DeepSpeed when the ``Accelerator`` is told ``cpu=True``; on a machine without a GPU the
+  process group backend is named instead (gloo), see ``distributed.make_accelerator``.
+- ZeRO-3 partitions parameters by dtype: the packed 4-bit weights must be stored in the compute dtype
+  (``bnb_4bit_quant_storage``), they are loaded under ``zero.Init`` (no ``device_map``), and anything that reads
+  whole weights (checksums, saving the adapter, the merge) gathers them first.
+- DeepSpeed scales the loss by 1/accumulation-steps in ``backward``; the loop already normalises by the
+  tokens of the global batch, so that scaling is switched off (``scale_wrt_gas=False``).
+- ZeRO-Offload refuses client optimizers that are not DeepSpeed's CPU Adam: bitsandbytes optimizers are
+  replaced by ``DeepSpeedCPUAdam`` (AdamW mode) under offload, and the log says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CPU_ADAM = "deepspeed_cpu_adam"
+
+
+@dataclass
+class DeepSpeedStrategy:
+    stage: int = 2
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    zero3_init: bool = False
+    counter: DeepSpeedCommCounter = field(default_factory=lambda: DeepSpeedCommCounter())
+
+    @classmethod
+    def from_env(cls) -> DeepSpeedStrategy:
+        """Read the settings accelerate's launcher exported from the launch config."""
+        env = os.environ
+        return cls(
+            stage=int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+            offload_optimizer=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower(),
+            offload_param=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower(),
+            zero3_init=env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true",
+        )
+
+    @property
+    def name(self) -> str:
+        return f"zero{self.stage}"
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.stage == 3
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload_optimizer not in ("none", "") or self.offload_param not in ("none", "")
+
+    def check(self, config: RunConfig) -> None:
+        if self.stage not in (2, 3):
+            raise ConfigError(
+                f"DeepSpeed ZeRO stage {self.stage} is not supported with a 4-bit base: use "
+                "launch_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml"
+            )
+        quant = config.quant
+        if self.stage == 3:
+            if not self.zero3_init:
+                raise ConfigError(
+                    "ZeRO-3 without zero3_init_flag loads the whole model on every rank first: set "
+                    "deepspeed_config.zero3_init_flag: true in the launch config (as launch_configs/deepspeed_zero3.yaml does)"
+                )
+            if (
+                quant.storage_dtype != "auto"
+                and quant.compute_dtype != "auto"
+                and quant.storage_dtype != quant.compute_dtype
+            ):
+                raise ConfigError(
+                    f"quant.storage_dtype={quant.storage_dtype} differs from quant.compute_dtype={quant.compute_dtype}: "
+                    "ZeRO-3 can only partition the packed 4-bit weights stored in the compute dtype; "
+                    "set quant.storage_dtype=auto"
+                )
+            if quant.storage_dtype == "uint8":
+                raise ConfigError(
+                    "quant.storage_dtype=uint8 cannot be partitioned by ZeRO-3 (it needs the compute dtype): "
+                    "set quant.storage_dtype=auto"
+                )
+        if self.offload_param not in ("none", "") and self.stage != 3:
+            raise ConfigError("offload_param_device needs ZeRO-3: use launch_configs/deepspeed_zero3_offload.yaml")
+
+    def storage_dtype(self, config: RunConfig, compute_dtype: torch.dtype) -> str:
+        if self.stage == 3:
+            return str(compute_dtype).replace("torch.", "")
+        return "uint8" if config.quant.storage_dtype == "auto" else config.quant.storage_dtype
+
+    def optimizer_name(self, requested: str) -> str:
+        if self.offload_optimizer not in ("none", "") and requested != CPU_ADAM:
+            log.info(
+                "train.optimizer=%s cannot run under ZeRO-Offload (DeepSpeed refuses client optimizers there); "
+                "using DeepSpeed's CPU AdamW instead",
+                requested,
+            )
+            return CPU_ADAM
+        return requested
+
+    def accelerator_kwargs(self, cpu: bool) -> dict[str, Any]:
+        # Never cpu=True: accelerate would silently fall back to plain CPU DDP. On a CPU-only machine the
+        # gloo backend named in make_accelerator is what makes DeepSpeed's process group span the ranks.
+        return {"cpu": False}
+
+    def device_map(self, device: torch.device) -> dict[str, Any] | None:
+        # ZeRO-3 loads under zero.Init and places shards itself; ZeRO-2 keeps a whole replica per rank.
+        return None if self.stage == 3 else {"": device}
+
+    def prepare(self, accelerator, model, optimizer, micro_batch_size: int, grad_accum: int, max_grad_norm: float):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds["gradient_accumulation_steps"] = grad_accum
+        ds["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = max_grad_norm
+        # bitsandbytes optimizers are not on DeepSpeed's tested list; they run on its flat partitions.
+        ds["zero_allow_untested_optimizer"] = True
+        model, optimizer = accelerator.prepare(model, optimizer)
+        self.counter.install()
+        return model, optimizer
+
+    def micro_step(self, model, sync: bool):
+        # Tell the engine explicitly which backward ends the step: the last step of an epoch may have fewer
+        # micro-batches than grad_accum, which DeepSpeed's own counter would get wrong.
+        model.set_gradient_accumulation_boundary(sync)
+        return nullcontext()
+
+    def backward(self, accelerator, model, loss: torch.Tensor) -> None:
+        model.backward(loss, scale_wrt_gas=False)
+
+    def step(self, accelerator, model, optimizer, max_grad_norm: float) -> float | None:
+        with self.counter.phase("step"):
+            model.step()  # clips (gradient_clipping), steps the optimizer and zeroes the gradients
+        norm = model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def gathered(self, params):
+        if self.stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def comm_bytes(self) -> dict[str, int]:
+        return dict(self.counter.bytes)
+
+
+class DeepSpeedCommCounter:
+    """Counts the bytes of DeepSpeed's collectives by wrapping its communication backend's methods.
+
+    - ``grad_sync``: gradient reductions (all-reduce, reduce, reduce-scatter), input bytes.
+    - ``param_gather``: all-gathers during forward/backward (ZeRO-3 fetching sharded weights).
+    - ``optimizer_gather``: all-gathers inside the optimizer step (updated partitions sent back to all ranks).
+    Single-element reductions (gradient norms, overflow flags) are bookkeeping, not gradient traffic, and are
+    left out.
+    """
+
+    REDUCE = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+    GATHER = ("all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced")
+
+    def __init__(self) -> None:
+        self.bytes = {"grad_sync": 0, "param_gather": 0, "optimizer_gather": 0}
+        self._phase = threading.local()
+        self._installed = False
+
+    @contextmanager
+    def phase(self, name: str):
+        previous = getattr(self._phase, "name", None)
+        self._phase.name = name
+        try:
+            yield
+        finally:
+            self._phase.name = previous
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        from deepspeed import comm
+
+        backend = comm.comm.cdb
+        for name in self.REDUCE + self.GATHER:
+            original = getattr(backend, name, None)
+            if original is not None:
+                setattr(backend, name, self._wrap(name, original))
+        self._installed = True
+
+    def _wrap(self, name: str, original):
+        is_reduce = name in self.REDUCE
+
+        def counted(*args, **kwargs):
+            nbytes, numel = _payload(name, args, kwargs)
+            if is_reduce:
+                if numel > 1:
+                    self.bytes["grad_sync"] += nbytes
+            elif getattr(self._phase, "name", None) == "step":
+                self.bytes["optimizer_gather"] += nbytes
+            else:
+                self.bytes["param_gather"] += nbytes
+            return original(*args, **kwargs)
+
+        return counted
+
+
+# Which argument holds the payload: (position, keyword names). Reductions count their input, gathers their
+# (whole) output. Positions are those of DeepSpeed's TorchBackend methods.
+_PAYLOAD_ARG = {
+    "all_reduce": (0, ("tensor",)),
+    "reduce": (0, ("tensor",)),
+    "all_reduce_coalesced": (0, ("tensors",)),
+    "reduce_scatter": (1, ("input_list",)),
+    "reduce_scatter_tensor": (1, ("input_tensor",)),
+    "all_gather": (0, ("tensor_list",)),
+    "all_gather_into_tensor": (0, ("output_tensor",)),
+    "all_gather_base": (0, ("output_tensor",)),
+    "all_gather_coalesced": (0, ("output_tensors",)),
+}
+
+
+def _payload(op: str, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(bytes, elements) an op moves."""
+    position, names = _PAYLOAD_ARG[op]
+    value = next((kwargs[n] for n in names if n in kwargs), None)
+    if value is None:
+        value = args[position]
+    tensors = [value] if torch.is_tensor(value) else list(value)
+    return sum(t.numel() * t.element_size() for t in tensors), sum(t.numel() for t in tensors)
