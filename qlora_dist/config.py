@@ -132,6 +132,10 @@ class TrainConfig:
     """Evaluate every this many optimizer steps (0: only at the end). Needs data.eval_fraction > 0."""
     log_steps: int = 1
     """Write a metrics.jsonl line every this many optimizer steps."""
+    save_steps: int = 100
+    """Checkpoint every this many optimizer steps (0: only at the end and on preemption)."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from the newest complete checkpoint in output.dir; ``never``: start over."""
 
     def validate(self) -> None:
         _check_range("train.epochs", self.epochs, low=1)
@@ -144,6 +148,7 @@ class TrainConfig:
         _check_range("train.max_grad_norm", self.max_grad_norm, low=0.0)
         _check_range("train.eval_steps", self.eval_steps, low=0)
         _check_range("train.log_steps", self.log_steps, low=1)
+        _check_range("train.save_steps", self.save_steps, low=0)
 
 
 @dataclass
@@ -158,7 +163,12 @@ class OutputConfig:
     merge_dtype: DType = "auto"
     """dtype of the merged model; ``auto`` is the compute dtype."""
     overwrite: bool = False
-    """Allow writing into an output folder that already holds a finished run."""
+    """Allow writing into an output folder that already holds a finished run (its checkpoints are ignored)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in ``checkpoints/``; older ones are deleted after a new one is in place."""
+
+    def validate(self) -> None:
+        _check_range("output.keep_checkpoints", self.keep_checkpoints, low=1)
 
 
 @dataclass

@@ -655,18 +655,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
-def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """This rank's examples for ``epoch``: ``epoch_order(...)[: n - n % world_size][rank::world_size]``.
+def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0) -> list[int]:
+    """This rank's examples for ``epoch``, from global position ``start`` of the epoch's order on:
+    ``rest = epoch_order(...)[start:]``, then ``rest[: len(rest) - len(rest) % world_size][rank::world_size]``.
 
     Every rank gets the same number of examples (so all ranks take the same number of steps and no
     collective waits forever) and the shards are disjoint; up to ``world_size - 1`` examples, different ones
     each epoch, are left out. Interleaving (rather than contiguous blocks) makes a step on W ranks with micro
-    batch b see exactly the examples a single process sees with micro batch W x b at the same step.
+    batch b see exactly the examples a single process sees with micro batch W x b at the same step, and makes
+    every optimizer step consume the next contiguous block of the order: a resumed run needs only ``start``
+    (examples consumed so far this epoch), whatever its number of processes.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    order = epoch_order(n, seed, epoch)
-    return order[: n - n % world_size][rank::world_size]
+    rest = epoch_order(n, seed, epoch)[start:]
+    return rest[: len(rest) - len(rest) % world_size][rank::world_size]
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

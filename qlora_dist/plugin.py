@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import checkpoint
 from . import data as data_mod
 from . import model as model_mod
 from .config import RunConfig, from_dict, load_config
@@ -166,10 +168,13 @@ class QLoRAPlugin:
             )
         return math.ceil(math.ceil(per_rank / t.micro_batch_size) / t.grad_accum)
 
-    def epoch_steps(self, dataset, epoch: int, rank: int, world_size: int, pad_id: int) -> Iterator[list[dict]]:
-        """This rank's batches for ``epoch``, grouped per optimizer step (``grad_accum`` micro-batches each)."""
+    def epoch_steps(
+        self, dataset, epoch: int, rank: int, world_size: int, pad_id: int, start: int = 0
+    ) -> Iterator[list[dict]]:
+        """This rank's batches for ``epoch``, grouped per optimizer step (``grad_accum`` micro-batches each),
+        from global position ``start`` of the epoch's order (examples already consumed, for a resumed run)."""
         t = self.config.train
-        indices = data_mod.rank_indices(len(dataset), t.seed, epoch, rank, world_size)
+        indices = data_mod.rank_indices(len(dataset), t.seed, epoch, rank, world_size, start=start)
         micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
         for s in range(0, len(micro), t.grad_accum):
             yield [self._batch(dataset, idx, pad_id) for idx in micro[s : s + t.grad_accum]]
@@ -264,6 +269,7 @@ class QLoRAPlugin:
             )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
+        checkpoint.write_marker(self.output_dir, checkpoint.DONE, {"step": steps})
         return report
 
     def _adapter_state(self, model, keep: bool) -> dict[str, torch.Tensor]:
@@ -289,11 +295,70 @@ class QLoRAPlugin:
             return self.compute_dtype
         return model_mod.resolve_dtype(self.config.output.merge_dtype, device)
 
-    def write_resolved_config(self, accelerator) -> None:
-        """Rank 0 writes the resolved config (every default filled in) into the output folder."""
+    def write_resolved_config(self, accelerator, fresh: bool = True) -> None:
+        """Rank 0 writes the resolved config (every default filled in) into the output folder. A fresh start
+        also clears what an earlier run left there (markers, checkpoints: only reached with overwrite)."""
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                checkpoint.clear_markers(self.output_dir)
+                shutil.rmtree(checkpoint.checkpoints_dir(self.output_dir), ignore_errors=True)
+            else:
+                (self.output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml())
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def find_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from (``train.resume: auto``), or None to start over.
+
+        Every rank reads the same folder and so reaches the same answer.
+        """
+        root = checkpoint.checkpoints_dir(self.output_dir)
+        has_any = root.is_dir() and any(root.glob("step-*"))
+        if not has_any or self.config.output.overwrite:
+            return None
+        if self.config.train.resume == "never":
+            raise UserError(
+                f"train.resume=never but {root} holds checkpoints: set output.overwrite=true to start over "
+                "there, or choose another output.dir"
+            )
+        found = checkpoint.find_resumable(root)
+        if found is None:
+            log.warning("no complete checkpoint in %s: starting from the beginning", root)
+        return found
+
+    def resume(self, path: Path, accelerator, model, optimizer, scheduler):
+        """Restore a run's state from checkpoint ``path`` (after ``prepare``); returns the TrainState."""
+        state = checkpoint.load(
+            path, accelerator=accelerator, strategy=self.strategy, model=model, optimizer=optimizer, scheduler=scheduler
+        )
+        self.facts["resumed_from"] = str(path)
+        return state
+
+    def save_checkpoint(self, accelerator, model, optimizer, scheduler, state) -> Path:
+        """A complete checkpoint of the run at this optimizer step (every rank calls this)."""
+        unwrapped = accelerator.unwrap_model(model)
+        return checkpoint.save(
+            checkpoint.checkpoints_dir(self.output_dir),
+            state,
+            accelerator=accelerator,
+            strategy=self.strategy,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            adapter_state=self._adapter_state(unwrapped, keep=accelerator.is_main_process),
+            config_yaml=self.config.to_yaml(),
+            keep=self.config.output.keep_checkpoints,
+        )
+
+    def mark_preempted(self, accelerator, state, signal_name: str | None) -> None:
+        """Leave the ``PREEMPTED`` marker a requeue script decides from (rank 0, after the checkpoint)."""
+        if accelerator.is_main_process:
+            checkpoint.write_marker(self.output_dir, checkpoint.PREEMPTED, {"step": state.step, "signal": signal_name})
+            log.warning(
+                "preempted by %s at step %d: checkpoint saved; run the same command to resume", signal_name, state.step
+            )
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -18,13 +18,20 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``; a no-op on non-main processes."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0) -> None:
+        """A fresh log, or (``resume_step`` > 0) the existing one cut back to the rows up to that step: the
+        steps after the checkpoint are done again and logged again."""
         self.path = path
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if resume_step and path.is_file():
+                old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in old if r.get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -7,7 +7,6 @@ which is also what a user's own script calls.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -17,17 +16,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checkpoint
+from .checkpoint import TrainState
 from .config import RunConfig
 from .data import collate
 from .distributed import all_reduce_sum
 from .plugin import QLoRAPlugin
+from .preemption import StopSignal
 from .report import MetricsLog, plot_loss
 
 log = logging.getLogger(__name__)
 
 
 def train(config: RunConfig) -> dict[str, Any] | None:
-    """Train, save the adapter, merge on rank 0. Returns the run report on the main process, else None."""
+    """Train, save the adapter, merge on rank 0. Returns the run report on the main process, else None.
+
+    A run stopped by SIGTERM/SIGUSR1/SIGINT saves a checkpoint, leaves a ``PREEMPTED`` marker and returns
+    None; the same command on the same output folder then continues where it stopped.
+    """
+    stop = StopSignal.install()  # first: a signal during loading must not kill the process half-way
     plugin = QLoRAPlugin(config)
     t, strategy = plugin.config.train, plugin.strategy
     accelerator = plugin.make_accelerator()
@@ -38,68 +45,88 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     train_data, eval_data = plugin.load_data(accelerator, tokenizer)
     model, tokenizer = plugin.load_model(accelerator, tokenizer)
     pad_id = tokenizer.pad_token_id
+    resume_from = plugin.find_checkpoint()
 
     steps_per_epoch = plugin.steps_per_epoch(len(train_data), world)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    state = TrainState(world_size=world, seed=t.seed, total_steps=t.max_steps or t.epochs * steps_per_epoch)
+    if resume_from is not None:  # the schedule keeps the length it had when the run first started
+        state.total_steps = checkpoint.read_state(resume_from).total_steps
     optimizer = plugin.make_optimizer(model)
-    scheduler = make_scheduler(optimizer, t.lr_scheduler, math.ceil(t.warmup_ratio * total_steps), total_steps)
+    scheduler = make_scheduler(
+        optimizer, t.lr_scheduler, math.ceil(t.warmup_ratio * state.total_steps), state.total_steps
+    )
     model, optimizer = plugin.prepare(accelerator, model, optimizer)
-    plugin.write_resolved_config(accelerator)
+    if resume_from is not None:
+        state = plugin.resume(resume_from, accelerator, model, optimizer, scheduler)
+    plugin.write_resolved_config(accelerator, fresh=resume_from is None)
 
-    metrics = MetricsLog(plugin.output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = MetricsLog(plugin.output_dir / "metrics.jsonl", accelerator.is_main_process, resume_step=state.step)
     log.info(
-        "training %d steps on %d process(es): %d examples, %d steps/epoch, global batch %d",
-        total_steps, world, len(train_data), steps_per_epoch, t.micro_batch_size * t.grad_accum * world,
+        "training %d steps on %d process(es): %d examples, %d steps/epoch, global batch %d%s",
+        state.total_steps, world, len(train_data), steps_per_epoch, t.micro_batch_size * t.grad_accum * world,
+        f", from step {state.step}" if state.step else "",
     )  # fmt: skip
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    progress = tqdm(total=state.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
 
-    step, real_tokens, first_epoch_indices = 0, 0, []
-    initial_loss = loss = eval_loss = None
+    loss = eval_loss = None
     model.train()
-    start = time.perf_counter()
-    for epoch in itertools.count():
-        # A new order each epoch, a pure function of (seed, epoch); each example goes to exactly one rank.
-        for micro_batches in plugin.epoch_steps(train_data, epoch, rank, world, pad_id):
-            if step >= total_steps:
-                break
-            loss, step_tokens = train_step(model, micro_batches, accelerator, strategy)
+    start, seconds_before = time.perf_counter(), state.train_seconds
+    while not finished(state, t):
+        # A new order each epoch, a pure function of (seed, epoch); each example goes to exactly one rank. A
+        # resumed run starts at its position in that order: nothing is replayed.
+        for micro_batches in plugin.epoch_steps(
+            train_data, state.epoch, rank, world, pad_id, start=state.epoch_position
+        ):
+            loss, step_tokens, stop_requested = train_step(model, micro_batches, accelerator, strategy, stop.requested)
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
-            step += 1
+            state.step += 1
+            state.epoch_position += world * sum(int(b["input_ids"].shape[0]) for b in micro_batches)
+            state.initial_loss = loss if state.initial_loss is None else state.initial_loss
+            state.tokens += step_tokens
+            if state.epoch == 0:
+                state.first_epoch_indices += [i for b in micro_batches for i in b["index"].tolist()]
+            state.train_seconds = seconds_before + time.perf_counter() - start
 
-            initial_loss = loss if initial_loss is None else initial_loss
-            real_tokens += step_tokens
-            if epoch == 0:
-                first_epoch_indices += [i for b in micro_batches for i in b["index"].tolist()]
-            elapsed = time.perf_counter() - start
-            row = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-            row["tokens_per_s"] = real_tokens / elapsed
-            if eval_data is not None and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
+            row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+            row.update(grad_norm=grad_norm, tokens_per_s=state.tokens / max(state.train_seconds, 1e-9))
+            if eval_data is not None and t.eval_steps and state.step % t.eval_steps == 0 and not finished(state, t):
                 row["eval_loss"] = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id)
-            if step % t.log_steps == 0 or step == total_steps or "eval_loss" in row:
-                metrics.write({**row, "elapsed_s": round(elapsed, 3)})
+            if state.step % t.log_steps == 0 or finished(state, t) or "eval_loss" in row:
+                metrics.write({**row, "elapsed_s": round(state.train_seconds, 3)})
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             progress.update(1)
-        if step >= total_steps:
-            break
-    train_seconds = time.perf_counter() - start
+
+            # Every rank saw the same (all-reduced) stop flag, so all stop at this same step boundary.
+            if stop_requested:
+                plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
+                plugin.mark_preempted(accelerator, state, stop.signal_name)
+                progress.close()
+                return None
+            if t.save_steps and state.step % t.save_steps == 0 and not finished(state, t):
+                plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
+            if finished(state, t):
+                break
+        else:  # the epoch ran out: the next one starts at the beginning of its own order
+            state.epoch, state.epoch_position = state.epoch + 1, 0
     progress.close()
+    plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
 
     if eval_data is not None:
         eval_loss = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id)
-        metrics.write({"step": step, "eval_loss": eval_loss})
+        metrics.write({"step": state.step, "eval_loss": eval_loss})
     stats = {
-        "steps": step,
-        "epochs_started": epoch + 1,
+        "steps": state.step,
+        "epochs_started": state.epoch + 1,
         "num_examples": len(train_data),
-        "examples_first_epoch": len(first_epoch_indices),
-        "indices_first_epoch": first_epoch_indices,
-        "initial_loss": initial_loss,
+        "indices_first_epoch": state.first_epoch_indices,
+        "initial_loss": state.initial_loss,
         "final_loss": loss,
         "eval_loss": eval_loss,
-        "tokens": real_tokens,
-        "tokens_per_s": real_tokens / train_seconds if train_seconds > 0 else None,
-        "train_seconds": round(train_seconds, 3),
+        "tokens": state.tokens,
+        "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
+        "train_seconds": round(state.train_seconds, 3),
+        "resumed_from_step": None if resume_from is None else checkpoint.read_state(resume_from).step,
     }
     if accelerator.is_main_process:
         plot_loss(metrics.rows, plugin.output_dir / "loss.png")
@@ -108,8 +135,16 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     return report
 
 
-def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; returns (global mean loss, real tokens).
+def finished(state: TrainState, t) -> bool:
+    """``max_steps`` optimizer steps done, or else ``epochs`` whole epochs."""
+    return state.step >= t.max_steps if t.max_steps else state.epoch >= t.epochs
+
+
+def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy, stop: bool = False):
+    """Forward and backward over one optimizer step's micro-batches.
+
+    Returns (global mean loss, real tokens over all ranks, whether any rank asked to stop): the stop flag
+    rides on the loss all-reduce, so agreeing to stop costs no extra collective.
 
     The loss is normalised by the label tokens of the whole global batch (every rank, every micro-batch), and
     multiplied by the world size because DDP and DeepSpeed average gradients over ranks. The gradient is then
@@ -127,8 +162,8 @@ def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator,
             summed = token_loss_sum(model, batch)
             strategy.backward(accelerator, model, summed * scale)
         loss_sum += float(summed.detach())
-    total_loss, total_real = all_reduce_sum([loss_sum, real_tokens], accelerator.device)
-    return total_loss / max(global_targets, 1.0), int(total_real)
+    total_loss, total_real, stops = all_reduce_sum([loss_sum, real_tokens, float(stop)], accelerator.device)
+    return total_loss / max(global_targets, 1.0), int(total_real), stops > 0
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

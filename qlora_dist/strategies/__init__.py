@@ -58,6 +58,15 @@ class Strategy(Protocol):
     def comm_bytes(self) -> dict[str, int]:
         """Bytes counted so far: ``grad_sync``, ``param_gather``, ``optimizer_gather``."""
 
+    def save_optimizer(self, folder, model, optimizer, main: bool) -> None:
+        """Write the optimizer state into a checkpoint folder (every rank calls this)."""
+
+    def load_optimizer(self, folder, model, optimizer) -> None:
+        """Restore the optimizer state from a checkpoint folder (every rank calls this)."""
+
+    def load_adapter(self, model, state, set_state) -> None:
+        """Put saved adapter weights back into the (unwrapped) model."""
+
 
 def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +67,18 @@ class DDPStrategy:
 
     def gathered(self, params):
         return nullcontext()
+
+    def save_optimizer(self, folder: Path, model, optimizer, main: bool) -> None:
+        # Every rank holds the same optimizer state under DDP: rank 0 writes it once.
+        if main:
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_optimizer(self, folder: Path, model, optimizer) -> None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+
+    def load_adapter(self, model, state: dict[str, torch.Tensor], set_state) -> None:
+        with torch.no_grad():
+            set_state(model, {k: v.to(next(model.parameters()).device) for k, v in state.items()})
 
     def comm_bytes(self) -> dict[str, int]:
         return {"grad_sync": self.counter.bytes_total, "param_gather": 0, "optimizer_gather": 0}

@@ -15,17 +15,19 @@ The traps this module handles so the user does not have to:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,27 @@ class DeepSpeedStrategy:
 
     def comm_bytes(self) -> dict[str, int]:
         return dict(self.counter.bytes)
+
+    def save_optimizer(self, folder: Path, model, optimizer, main: bool) -> None:
+        # Optimizer state is sharded: every rank writes its own partition, in DeepSpeed's format. The frozen
+        # base is left out (it is the checkpoint on disk already).
+        model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True)
+
+    def load_optimizer(self, folder: Path, model, optimizer) -> None:
+        saved_world = json.loads((folder / "state.json").read_text())["world_size"]
+        if saved_world != model.world_size:
+            raise UserError(
+                f"checkpoint {folder} was written by {saved_world} DeepSpeed ranks and cannot be resumed on "
+                f"{model.world_size}: relaunch with --num_processes {saved_world}, or set train.resume=never"
+            )
+        model.load_checkpoint(
+            str(folder / "deepspeed"), tag="state", load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
+
+    def load_adapter(self, model, state: dict[str, torch.Tensor], set_state) -> None:
+        """Nothing to do: DeepSpeed's ``load_checkpoint`` restores the trainable weights with their optimizer
+        partitions (and under ZeRO-3 a direct write would need a gather with a modifier rank)."""
 
 
 class DeepSpeedCommCounter:
