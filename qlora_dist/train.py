@@ -58,6 +58,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     model, optimizer = plugin.prepare(accelerator, model, optimizer)
     if resume_from is not None:
         state = plugin.resume(resume_from, accelerator, model, optimizer, scheduler)
+    resumed_from_step = state.step if resume_from is not None else None
     plugin.write_resolved_config(accelerator, fresh=resume_from is None)
 
     metrics = MetricsLog(plugin.output_dir / "metrics.jsonl", accelerator.is_main_process, resume_step=state.step)
@@ -126,7 +127,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         "tokens": state.tokens,
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "train_seconds": round(state.train_seconds, 3),
-        "resumed_from_step": None if resume_from is None else checkpoint.read_state(resume_from).step,
+        "resumed_from_step": resumed_from_step,
     }
     if accelerator.is_main_process:
         plot_loss(metrics.rows, plugin.output_dir / "loss.png")
