@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-dist", description="Multi-GPU QLoRA fine-tuning.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    # --debug is accepted after the subcommand too (qlora-dist train RUN.yaml --debug).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("train", help="train with a run config (run under accelerate launch for several processes)")
     p.add_argument("config", help="run config YAML")
@@ -60,10 +65,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser(
+        "check", help="check a run (config, launch, versions, model, data, disk, memory) without training"
+    )
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--launch-config", help="accelerate launch config to check against (default: single process)")
+    p.add_argument("--num-processes", type=int, help="processes in total (default: the launch config's)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="memory per GPU (and host RAM per node) a run needs, from config.json only")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--launch-config", help="accelerate launch config: the strategy (default: DDP)")
+    p.add_argument("--gpus", type=int, help="GPUs in total (default: the launch config's num_processes, or 1)")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 24GiB (default: 80GiB)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what auto dtypes mean (default: cuda)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("plugins", help="list data formats, strategies and callbacks, and where each comes from")
+    p.set_defaults(func=cmd_plugins)
+
     p = sub.add_parser("validate", help="load and validate a run config, print it resolved")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("slurm", help="write an sbatch script for a multi-node run that requeues itself when preempted")
+    p.add_argument("config", help="run config YAML (paths are kept as given: relative to where you submit)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the run config")
+    p.add_argument("--nodes", type=int, required=True, help="nodes to allocate (one srun task each)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node")
+    p.add_argument("--launch-config", default="launch_configs/multi_gpu_ddp.yaml", help="accelerate launch config")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 24:00:00 or 1-12:00:00")
+    p.add_argument("--account")
+    p.add_argument("--job-name", help="default: qlora-<config name>")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs for each node's task (data loading, the launcher)")
+    p.add_argument("--signal-seconds", type=int, default=300, help="SIGUSR1 this long before the limit (300)")
+    p.add_argument("--log-dir", default=".", help="folder of the %%x-%%j.out/.err logs; must exist (default: .)")
+    p.add_argument(
+        "--extra-sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="one more #SBATCH option, repeatable; write it with =, e.g. --extra-sbatch=--exclusive",
+    )
+    p.add_argument("--output", help="write the script here (default: print it)")
+    p.set_defaults(func=cmd_slurm)
     return parser
 
 
@@ -88,11 +138,55 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)  # validated before anything heavy loads
     _quiet_libraries()
+    # The preflight checks, once per machine (the other local ranks would only repeat them). A failure ends
+    # this process, and the launcher then stops the others.
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        from .doctor import run_checks
+
+        errors = [f for f in run_checks(args.config, args.overrides, config=config) if f.level == "error"]
+        if errors:
+            raise UserError(
+                "; ".join(f"{f.check}: {f.message}" for f in errors) + " (run `qlora-dist check` for all checks)"
+            )
     from .train import train
 
     report = train(config)
     if report is not None:
         log.info("done: %s", Path(config.output.dir) / "run_report.json")
+    return 0
+
+
+def cmd_check(args) -> int:
+    _quiet_libraries()
+    from .doctor import print_findings, run_checks
+
+    findings = run_checks(args.config, args.overrides, args.launch_config, args.num_processes)
+    print_findings(findings)
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+def cmd_plan(args) -> int:
+    _quiet_libraries()
+    from .plan import plan_command
+
+    print(
+        plan_command(
+            args.config, args.overrides, args.gpus, args.gpu_memory, args.launch_config, args.device, args.json
+        )
+    )
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .callbacks import CALLBACKS
+    from .formats import FORMATS, get_format
+    from .strategies import STRATEGIES
+
+    get_format("text")  # registers the built-in formats
+    for registry in (FORMATS, STRATEGIES, CALLBACKS):
+        print(f"{registry.kind} (entry point group {registry.group}):")
+        for name, source in registry.available():
+            print(f"  {name:<20} {source}")
     return 0
 
 
@@ -115,6 +209,36 @@ def cmd_merge(args) -> int:
     from .merge import merge_command
 
     merge_command(args.base, args.adapter, Path(args.out), args.merge_base, args.dtype)
+    return 0
+
+
+def cmd_slurm(args) -> int:
+    from .slurm import SlurmJob, sbatch_script
+
+    job = SlurmJob(
+        config=args.config,
+        overrides=args.overrides,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        launch_config=args.launch_config,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        job_name=args.job_name,
+        signal_seconds=args.signal_seconds,
+        cpus_per_task=args.cpus_per_task,
+        log_dir=args.log_dir,
+        extra_sbatch=args.extra_sbatch,
+    )
+    script = sbatch_script(job)
+    if args.output is None:
+        print(script, end="")
+        return 0
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(script)
+    out.chmod(0o755)
+    log.info("wrote %s: submit it with sbatch %s", out, out)
     return 0
 
 

@@ -15,6 +15,7 @@ config, kept in ``launch_configs/``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from .errors import ConfigError
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Optimizer = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]
-DataFormat = Literal["auto", "alpaca", "chat", "text", "completion"]
 
 
 @dataclass
@@ -44,6 +44,8 @@ class ModelConfig:
             raise ConfigError(
                 "model.name_or_path is required: a local model folder, e.g. model.name_or_path=./my-llama"
             )
+        self.name_or_path = _expand(self.name_or_path)
+        self.tokenizer = _expand(self.tokenizer) if self.tokenizer else self.tokenizer
 
 
 @dataclass
@@ -84,19 +86,32 @@ class LoraConfig:
 class DataConfig:
     path: str = ""
     """A .jsonl/.json/.csv/.parquet file, or a folder written by ``datasets``' ``save_to_disk``."""
-    format: DataFormat = "auto"
-    """How rows become token sequences; ``auto`` picks from the columns."""
+    format: str = "auto"
+    """How rows become token sequences: auto (picked from the columns) | chat | alpaca | completion | text, or
+    the name of an installed format plugin."""
     max_length: int = 1024
     """Examples are truncated to this many tokens (packed sequences are this long at most)."""
     packing: bool = False
     """Pack several examples into one sequence (no attention across example boundaries)."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same batch (less padding when not packing); the order stays seeded."""
     eval_fraction: float = 0.0
     """Share of examples held out for the eval loss (0 disables eval)."""
 
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("data.path is required: a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
+        self.path = _expand(self.path)
         _check_range("data.max_length", self.max_length, low=8)
+        from .formats import BUILTIN_FORMATS, FORMATS
+
+        known = ("auto", *BUILTIN_FORMATS)
+        if self.format not in known and ":" not in self.format and self.format not in FORMATS.names():
+            allowed = " | ".join((*known, *[n for n in FORMATS.names() if n not in known]))
+            raise ConfigError(
+                f"data.format={self.format!r} is not allowed: choose one of {allowed} "
+                "(or install a format plugin, see `qlora-dist plugins`)"
+            )
         _check_range("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
 
 
@@ -124,8 +139,11 @@ class TrainConfig:
     """Seeds the adapter init, dropout and the data order (a new order each epoch)."""
     optimizer: Optimizer = "paged_adamw_8bit"
     """bitsandbytes paged/8-bit AdamW, or torch's AdamW."""
-    strategy: Literal["auto", "ddp", "zero2", "zero3"] = "auto"
-    """Distribution strategy. ``auto`` follows the launch config; any other value must agree with it."""
+    strategy: str = "auto"
+    """Distribution strategy: auto (follow the launch config) | ddp | zero2 | zero3 (must agree with the launch
+    config), or the name of an installed strategy plugin."""
+    callbacks: list[str] = field(default_factory=list)
+    """Callbacks on training events, by name: built-in (stop_on_nan), installed plugins, or package.module:attr."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
     eval_steps: int = 0
@@ -169,6 +187,7 @@ class OutputConfig:
 
     def validate(self) -> None:
         _check_range("output.keep_checkpoints", self.keep_checkpoints, low=1)
+        self.dir = _expand(self.dir)
 
 
 @dataclass
@@ -181,11 +200,16 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> RunConfig:
-        """Check every section; returns self so calls chain."""
+        """Check every section and the rules that span sections; returns self so calls chain."""
         for section in dataclasses.fields(self):
             check = getattr(getattr(self, section.name), "validate", None)
             if check is not None:
                 check()
+        if self.train.eval_steps and not self.data.eval_fraction:
+            raise ConfigError(
+                f"train.eval_steps={self.train.eval_steps} needs held-out data: set data.eval_fraction (e.g. 0.05) "
+                "or train.eval_steps=0"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -340,6 +364,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key}={value!r} must be a string")
     raise TypeError(f"unsupported config field type for {key}: {tp!r}")
+
+
+def _expand(path: str) -> str:
+    """``~`` and ``$VARS`` in a path (a shell leaves ``key=~/x`` arguments unexpanded)."""
+    return os.path.expandvars(os.path.expanduser(path)) if path.startswith(("~", "$")) else path
 
 
 def _check_range(

@@ -11,8 +11,9 @@ The pipeline, in the order a run uses it:
 4. :func:`prepare_datasets` does 1-3 for the whole file on the main process, holds out an eval split, drops
    examples left with nothing to learn, optionally packs examples into longer sequences, and caches the result
    on disk so the other ranks (and the next run) load it instead of tokenizing again.
-5. :func:`rank_indices` gives each rank its disjoint, equally long share of a per-epoch shuffled order, and
-   :func:`collate` pads a list of rows into tensors.
+5. :func:`rank_indices` gives each rank its disjoint, equally long share of a per-epoch shuffled order (grouped
+   by length with ``data.group_by_length``, :func:`group_by_length`), and :func:`collate` pads a list of rows
+   into tensors.
 
 Label convention: position 0 of every tokenized example has label ``-100``. Causal LMs predict token ``t`` from
 the tokens before it (transformers shifts labels inside the loss), so the first token of a sequence is never a
@@ -39,6 +40,7 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .formats import FORMATS, data_format
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
 }
-"""The columns each format needs, in the order ``auto`` tries them."""
+"""The columns each built-in format needs, in the order ``auto`` tries them (plugins are never guessed)."""
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -94,7 +96,30 @@ def load_rows(path: str, cache_dir: Path | None = None) -> datasets.Dataset:
     return rows
 
 
+def check_rows(rows: datasets.Dataset, fmt: str, path: str) -> str:
+    """Validate every row for format ``fmt`` without tokenizing; returns the resolved format name.
+
+    Raises :class:`DataError` naming the file and line (or row) of the first bad row.
+    """
+    fmt = fmt if fmt != "auto" else detect_format(rows.column_names)
+    data_fmt = FORMATS.get(fmt)
+    missing = [c for c in data_fmt.columns if c not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: data.format={fmt} needs the column(s) {', '.join(missing)}, but the file has "
+            f"{', '.join(rows.column_names)}; rename them or set data.format=auto"
+        )
+    for index, row in enumerate(rows):
+        try:
+            data_fmt.check_row(row)
+        except (_RowError, ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{_row_location(Path(path), index)}: {e}") from None
+    return fmt
+
+
 def _check_exists(p: Path) -> None:
+    if p.is_file() and p.stat().st_size < (1 << 20) and not p.read_bytes().strip():
+        raise DataError(f"{p}: has no rows (the file is empty)")
     if not p.exists():
         raise DataError(
             f"data file not found: {p.resolve()} (data.path={str(p)!r}); "
@@ -274,12 +299,11 @@ def tokenize_example(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: 
 
 
 def _tokenize_untruncated(row: dict[str, Any], fmt: str, tokenizer: Any) -> dict[str, list[int]]:
-    if fmt not in _TOKENIZERS:
-        raise DataError(f"unknown data format {fmt!r}: choose one of {', '.join(FORMAT_COLUMNS)}")
+    data_fmt = FORMATS.get(fmt)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer at {_tokenizer_name(tokenizer)} has no eos token; set tokenizer.eos_token")
-    input_ids, labels = _TOKENIZERS[fmt](row, tokenizer)
-    return {"input_ids": input_ids, "labels": labels}
+    input_ids, labels = data_fmt.tokenize(row, tokenizer)
+    return {"input_ids": list(input_ids), "labels": list(labels)}
 
 
 def _truncate(example: dict[str, list[int]], max_length: int) -> dict[str, list[int]]:
@@ -315,20 +339,34 @@ def _prompt_answer(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int],
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
 
+@data_format(
+    "alpaca",
+    columns=("instruction", "output"),
+    validate=lambda row: (_field(row, "instruction"), _field(row, "input", optional=True), _field(row, "output")),
+)
 def _tokenize_alpaca(row: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
     prompt = alpaca_prompt(_field(row, "instruction"), _field(row, "input", optional=True))
     return _prompt_answer(tokenizer, prompt, _field(row, "output"))
 
 
+@data_format(
+    "completion",
+    columns=("prompt", "completion"),
+    validate=lambda row: (_field(row, "prompt"), _field(row, "completion")),
+)
 def _tokenize_completion(row: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
     return _prompt_answer(tokenizer, _field(row, "prompt"), _field(row, "completion"))
 
 
+@data_format("text", columns=("text",), validate=lambda row: _field(row, "text"))
 def _tokenize_text(row: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
     ids = _encode(tokenizer, _field(row, "text"), special=True) + [tokenizer.eos_token_id]
     return ids, list(ids)
 
 
+@data_format(
+    "chat", columns=("messages",), needs_chat_template=True, validate=lambda row: _check_messages(row.get("messages"))
+)
 def _tokenize_chat(row: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
     messages = _check_messages(row.get("messages"))
     _require_chat_template(tokenizer)
@@ -395,14 +433,6 @@ def _require_chat_template(tokenizer: Any) -> None:
 
 def _tokenizer_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or "(in memory)")
-
-
-_TOKENIZERS: dict[str, Callable[[dict[str, Any], Any], tuple[list[int], list[int]]]] = {
-    "alpaca": _tokenize_alpaca,
-    "chat": _tokenize_chat,
-    "completion": _tokenize_completion,
-    "text": _tokenize_text,
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,13 +523,14 @@ def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> No
     path = Path(cfg.path)
     rows = load_rows(cfg.path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows.column_names)
-    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in rows.column_names]
+    data_fmt = FORMATS.get(fmt)
+    missing = [c for c in data_fmt.columns if c not in rows.column_names]
     if missing:
         raise DataError(
             f"{path}: data.format={fmt} needs the column(s) {', '.join(missing)}, but the file has "
             f"{', '.join(rows.column_names)}; rename them or set data.format=auto"
         )
-    if fmt == "chat":
+    if data_fmt.needs_chat_template:
         _require_chat_template(tokenizer)
 
     examples: list[dict[str, list[int]]] = []
@@ -509,6 +540,8 @@ def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> No
             full = _tokenize_untruncated(row, fmt, tokenizer)
         except _RowError as e:
             raise DataError(f"{_row_location(path, index)}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:  # a plugin format's own errors
+            raise DataError(f"{_row_location(path, index)}: {type(e).__name__}: {e}") from None
         truncated += len(full["input_ids"]) > cfg.max_length
         ex = _truncate(full, cfg.max_length)
         if any(label != IGNORE_INDEX for label in ex["labels"]):
@@ -649,13 +682,83 @@ def _mix(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of ``n`` examples in ``epoch``: a pure function of ``(seed, epoch)``, new each epoch."""
+GROUP_CHUNK_BATCHES = 32
+"""Length grouping sorts the order within chunks of this many global batches (see :func:`group_by_length`)."""
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, lengths: Sequence[int] | None = None, global_batch: int = 0
+) -> list[int]:
+    """The order of ``n`` examples in ``epoch``: a seeded shuffle, new each epoch, a pure function of its arguments.
+
+    With ``lengths`` (one per example), the shuffle is then grouped by length for batches of ``global_batch``
+    examples (see :func:`group_by_length`); without, it is the plain shuffle, which depends on ``(seed, epoch)``
+    only.
+    """
     gen = torch.Generator().manual_seed(_mix(seed, "epoch", epoch))
-    return torch.randperm(n, generator=gen).tolist()
+    order = torch.randperm(n, generator=gen).tolist()
+    if lengths is None:
+        return order
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} examples")
+    return group_by_length(order, lengths, global_batch, seed, epoch)
 
 
-def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0) -> list[int]:
+def group_by_length(
+    order: Sequence[int],
+    lengths: Sequence[int],
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    chunk_batches: int = GROUP_CHUNK_BATCHES,
+) -> list[int]:
+    """Permute a shuffled ``order`` so each global batch holds examples of similar length (less padding).
+
+    The order is cut into chunks of ``chunk_batches`` global batches; each chunk is sorted by length (longest
+    first; ties keep their shuffled order), cut into global batches, and those batches are shuffled (seeded by
+    ``seed`` and ``epoch``) so the long ones do not all come first. Only the final chunk may end in a partial
+    batch, and it stays last. So the result is a permutation of ``order`` whose global batches sit at multiples
+    of ``global_batch`` from position 0: every optimizer step still takes the next contiguous block of the
+    order, and the batch a step sees depends on the global batch size, not on how it is split over ranks and
+    micro-batches. Within a batch the examples stay sorted, so each rank's micro-batches are alike in length too.
+    """
+    if global_batch < 1:
+        raise ValueError(f"global_batch must be >= 1 to group by length, got {global_batch}")
+    gen = torch.Generator().manual_seed(_mix(seed, "length-groups", epoch))
+    span = global_batch * max(1, chunk_batches)
+    grouped: list[int] = []
+    for begin in range(0, len(order), span):
+        chunk = sorted(order[begin : begin + span], key=lambda i: -lengths[i])
+        full = len(chunk) // global_batch
+        for b in torch.randperm(full, generator=gen).tolist():
+            grouped.extend(chunk[b * global_batch : (b + 1) * global_batch])
+        grouped.extend(chunk[full * global_batch :])
+    return grouped
+
+
+def example_lengths(dataset: Any) -> list[int]:
+    """Tokens in each row of ``dataset`` (a :class:`datasets.Dataset` or a sequence of rows with ``input_ids``).
+
+    A ``datasets.Dataset`` is measured in Arrow (list lengths), without turning its token lists into Python.
+    """
+    if isinstance(dataset, datasets.Dataset):
+        import pyarrow.compute as pc
+
+        column = dataset.with_format("arrow")[:]["input_ids"]
+        return pc.list_value_length(column).to_pylist()
+    return [len(row["input_ids"]) for row in dataset]
+
+
+def rank_indices(
+    n: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    start: int = 0,
+    lengths: Sequence[int] | None = None,
+    global_batch: int = 0,
+) -> list[int]:
     """This rank's examples for ``epoch``, from global position ``start`` of the epoch's order on:
     ``rest = epoch_order(...)[start:]``, then ``rest[: len(rest) - len(rest) % world_size][rank::world_size]``.
 
@@ -665,10 +768,13 @@ def rank_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, star
     batch b see exactly the examples a single process sees with micro batch W x b at the same step, and makes
     every optimizer step consume the next contiguous block of the order: a resumed run needs only ``start``
     (examples consumed so far this epoch), whatever its number of processes.
+
+    ``lengths`` and ``global_batch`` (micro-batch x grad_accum x world size) group the order by length (see
+    :func:`group_by_length`); the grouped order depends on the global batch size, so a resumed run must keep it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    rest = epoch_order(n, seed, epoch)[start:]
+    rest = epoch_order(n, seed, epoch, lengths, global_batch)[start:]
     return rest[: len(rest) - len(rest) % world_size][rank::world_size]
 
 
@@ -707,5 +813,9 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
             extra[i, n:] = torch.arange(start, start + width - n)
         else:
             extra[i, :n] = 1
-    key = "position_ids" if packed else "attention_mask"
-    return {"input_ids": input_ids, "labels": labels, key: extra}
+    if packed:
+        # No attention_mask for packed rows (see above); the non-pad token count travels separately, for
+        # tokens/s. It is not a model input.
+        real = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": extra, "real_tokens": real}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": extra}

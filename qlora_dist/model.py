@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -86,6 +87,8 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_dir() and cfg.tokenizer.startswith((".", "/", "~")):
+        raise UserError(f"model.tokenizer={cfg.tokenizer}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -117,6 +120,11 @@ def load_quantized_model(
     if device_map is True:
         kwargs["device_map"] = {"": device}
     elif device_map:
+        if device_map == "auto" and _world_size() > 1:
+            raise UserError(
+                'device_map="auto" with several processes spreads every replica over all GPUs and the processes '
+                "fight over them: give each process its own device, device_map={'': accelerator.device}"
+            )
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -152,6 +160,11 @@ def disable_cpu_repack(model: nn.Module) -> None:
 def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
     """Recompute activations in backward. Non-reentrant by default: the reentrant version marks DDP
     parameters ready twice ("Expected to mark a variable ready only once") and needs inputs that require grad."""
+    if reentrant and _world_size() > 1:
+        raise UserError(
+            "reentrant gradient checkpointing under DDP fails with 'Expected to mark a variable ready only once' "
+            "(and needs inputs that require grad): use the non-reentrant mode (reentrant=False)"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.config.use_cache = False
 
@@ -168,6 +181,29 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def check_target_modules(available: list[str], cfg: LoraConfig) -> None:
+    """Every name in ``lora.target_modules`` must be one of the model's linear layers (else ConfigError)."""
+    if cfg.target_modules == "all-linear":
+        return
+    missing = [m for m in cfg.target_modules if m not in available]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(missing)} match no linear layer of this model; "
+            f"its linear layers are {', '.join(available)} (or use all-linear)"
+        )
+
+
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model built from its ``config.json`` on the meta device: real names and shapes, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(cfg)
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
 def attach_lora(model: nn.Module, cfg: LoraConfig):
     """Wrap ``model`` in a peft LoRA model. Only the adapter weights are trainable afterwards.
 
@@ -177,14 +213,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    available = linear_layer_names(model)
-    if cfg.target_modules != "all-linear":
-        missing = [m for m in cfg.target_modules if m not in available]
-        if missing:
-            raise ConfigError(
-                f"lora.target_modules: {', '.join(missing)} match no linear layer of this model; "
-                f"its linear layers are {', '.join(available)} (or use all-linear)"
-            )
+    check_target_modules(linear_layer_names(model), cfg)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -277,6 +306,10 @@ def _logical_numel(p: torch.Tensor) -> int:
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 leaves a 0-sized placeholder on the module
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _first_line(e: Exception) -> str:

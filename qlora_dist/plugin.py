@@ -7,7 +7,7 @@
     model, tokenizer = plugin.load_model(accelerator)
     train_data, eval_data = plugin.load_data(accelerator, tokenizer)
     model, optimizer = plugin.prepare(accelerator, model, plugin.make_optimizer(model))
-    ...  # your own loop; plugin.batches(...) yields this rank's shard
+    ...  # your own loop; plugin.epoch_steps(...) yields this rank's shard, step by step
     plugin.finish(accelerator, model, tokenizer)
 
 ``qlora-dist train`` is built from exactly these pieces (see ``train.py``), so the library and the ready
@@ -31,8 +31,9 @@ import torch
 from . import checkpoint
 from . import data as data_mod
 from . import model as model_mod
+from .callbacks import Callbacks, Event
 from .config import RunConfig, from_dict, load_config
-from .distributed import gather_objects, make_accelerator, on_cpu, peak_memory_bytes
+from .distributed import all_reduce_sum, gather_objects, make_accelerator, on_cpu, peak_memory_bytes
 from .errors import UserError
 from .merge import QUANT_META, dequantized_base_weights, logits_of, merge_trained
 from .report import write_json
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     """Where tokenized data sets are cached: ``$QLORA_DIST_CACHE`` or ``~/.cache/qlora_dist``."""
-    return Path(os.environ.get("QLORA_DIST_CACHE", Path.home() / ".cache" / "qlora_dist"))
+    return Path(os.environ.get("QLORA_DIST_CACHE", "~/.cache/qlora_dist")).expanduser()
 
 
 class QLoRAPlugin:
@@ -55,6 +56,8 @@ class QLoRAPlugin:
         self.output_dir = Path(config.output.dir)
         # The launch decides the strategy; a contradicting run config fails here, before anything loads.
         self.strategy: Strategy = resolve_strategy(self.config)
+        # Callback plugins load now: a broken one fails this run before anything heavy, and only runs naming it.
+        self.callbacks = Callbacks(self.config.train.callbacks)
         self.facts: dict[str, Any] = {}
         self._start = time.perf_counter()
 
@@ -82,10 +85,9 @@ class QLoRAPlugin:
             )
         accelerator = make_accelerator(**{**self.strategy.accelerator_kwargs(on_cpu()), **kwargs})
         self.compute_dtype = model_mod.resolve_dtype(self.config.quant.compute_dtype, accelerator.device)
-        if on_cpu() and accelerator.is_main_process and self.config.train.optimizer.startswith("paged"):
-            log.info(
-                "paged optimizers need CUDA: on this CPU bitsandbytes runs %s unpaged", self.config.train.optimizer
-            )
+        optimizer = self.strategy.optimizer_name(self.config.train.optimizer)
+        if on_cpu() and accelerator.is_main_process and optimizer.startswith("paged"):
+            log.info("paged optimizers need CUDA: on this CPU bitsandbytes runs %s unpaged", optimizer)
         return accelerator
 
     def load_tokenizer(self):
@@ -116,7 +118,8 @@ class QLoRAPlugin:
             trainable_params=trainable,
             total_params=total,
             trainable_grad_bytes=model_mod.trainable_grad_bytes(model),
-            full_grad_bytes=total * torch.finfo(torch.float32).bits // 8,
+            # What a full fine-tune of the base would all-reduce: a gradient for every base weight (fp32).
+            full_grad_bytes=(total - trainable) * 4,
         )
         return model, tokenizer
 
@@ -174,7 +177,12 @@ class QLoRAPlugin:
         """This rank's batches for ``epoch``, grouped per optimizer step (``grad_accum`` micro-batches each),
         from global position ``start`` of the epoch's order (examples already consumed, for a resumed run)."""
         t = self.config.train
-        indices = data_mod.rank_indices(len(dataset), t.seed, epoch, rank, world_size, start=start)
+        # Length grouping permutes the order in whole global batches, so 2 ranks x b still see what 1 x 2b sees.
+        lengths = data_mod.example_lengths(dataset) if self.config.data.group_by_length else None
+        global_batch = t.micro_batch_size * t.grad_accum * world_size
+        indices = data_mod.rank_indices(
+            len(dataset), t.seed, epoch, rank, world_size, start=start, lengths=lengths, global_batch=global_batch
+        )
         micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
         for s in range(0, len(micro), t.grad_accum):
             yield [self._batch(dataset, idx, pad_id) for idx in micro[s : s + t.grad_accum]]
@@ -270,6 +278,7 @@ class QLoRAPlugin:
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
         checkpoint.write_marker(self.output_dir, checkpoint.DONE, {"step": steps})
+        self.callbacks.fire(self._event("on_run_end", accelerator, steps, report=report))
         return report
 
     def _adapter_state(self, model, keep: bool) -> dict[str, torch.Tensor]:
@@ -339,7 +348,7 @@ class QLoRAPlugin:
     def save_checkpoint(self, accelerator, model, optimizer, scheduler, state) -> Path:
         """A complete checkpoint of the run at this optimizer step (every rank calls this)."""
         unwrapped = accelerator.unwrap_model(model)
-        return checkpoint.save(
+        path = checkpoint.save(
             checkpoint.checkpoints_dir(self.output_dir),
             state,
             accelerator=accelerator,
@@ -351,6 +360,22 @@ class QLoRAPlugin:
             config_yaml=self.config.to_yaml(),
             keep=self.config.output.keep_checkpoints,
         )
+        self.callbacks.fire(self._event("on_checkpoint_saved", accelerator, state.step, path=path))
+        return path
+
+    def step_end_callbacks(self, accelerator, step: int, metrics: dict[str, Any]) -> bool:
+        """Fire ``on_step_end`` (and ``on_evaluate`` when ``metrics`` has an eval loss); True when the run should
+        stop. The decision is all-reduced so every rank stops at the same step, whichever rank's callback asked."""
+        if not self.callbacks:
+            return False
+        wants_stop = self.callbacks.fire(self._event("on_step_end", accelerator, step, metrics=metrics))
+        if metrics.get("eval_loss") is not None:
+            wants_stop |= self.callbacks.fire(self._event("on_evaluate", accelerator, step, metrics=metrics))
+        (votes,) = all_reduce_sum([float(wants_stop)], accelerator.device)
+        return votes > 0
+
+    def _event(self, name: str, accelerator, step: int, **fields: Any) -> Event:
+        return Event(name, step, accelerator.process_index, accelerator.num_processes, self.output_dir, **fields)
 
     def mark_preempted(self, accelerator, state, signal_name: str | None) -> None:
         """Leave the ``PREEMPTED`` marker a requeue script decides from (rank 0, after the checkpoint)."""
@@ -365,8 +390,11 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def shard_facts(indices_per_rank: list[list[int]], num_examples: int | None) -> dict[str, Any]:
-    """What the ranks actually consumed in the first epoch: counts, overlap and coverage of the data set."""
+def shard_facts(indices_per_rank: list[list[int]], num_examples: int | None) -> dict[str, Any] | None:
+    """What the ranks actually consumed in the first epoch: counts, overlap and coverage of the data set.
+    None when the loop did not record which examples it used (a user's own loop)."""
+    if not any(indices_per_rank):
+        return None
     sets = [set(ix) for ix in indices_per_rank]
     union = set().union(*sets) if sets else set()
     return {

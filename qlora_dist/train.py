@@ -72,7 +72,8 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     loss = eval_loss = None
     model.train()
     start, seconds_before = time.perf_counter(), state.train_seconds
-    while not finished(state, t):
+    stopped_by_callback = False
+    while not finished(state, t) and not stopped_by_callback:
         # A new order each epoch, a pure function of (seed, epoch); each example goes to exactly one rank. A
         # resumed run starts at its position in that order: nothing is replayed.
         for micro_batches in plugin.epoch_steps(
@@ -97,16 +98,20 @@ def train(config: RunConfig) -> dict[str, Any] | None:
                 metrics.write({**row, "elapsed_s": round(state.train_seconds, 3)})
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             progress.update(1)
+            stopped_by_callback = plugin.step_end_callbacks(accelerator, state.step, row)
 
             # Every rank saw the same (all-reduced) stop flag, so all stop at this same step boundary.
             if stop_requested:
                 plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
                 plugin.mark_preempted(accelerator, state, stop.signal_name)
+                # No rank exits before the marker is on disk: a launcher that kills the job when the first
+                # node finishes must not take rank 0 down half-way through writing it.
+                accelerator.wait_for_everyone()
                 progress.close()
                 return None
             if t.save_steps and state.step % t.save_steps == 0 and not finished(state, t):
                 plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
-            if finished(state, t):
+            if finished(state, t) or stopped_by_callback:
                 break
         else:  # the epoch ran out: the next one starts at the beginning of its own order
             state.epoch, state.epoch_position = state.epoch + 1, 0
@@ -118,7 +123,8 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         metrics.write({"step": state.step, "eval_loss": eval_loss})
     stats = {
         "steps": state.step,
-        "epochs_started": state.epoch + 1,
+        "epochs": round(state.epoch + state.epoch_position / len(train_data), 4),
+        "stopped_by_callback": stopped_by_callback,
         "num_examples": len(train_data),
         "indices_first_epoch": state.first_epoch_indices,
         "initial_loss": state.initial_loss,

@@ -8,6 +8,7 @@ that contradicts it (``train.strategy``) or a combination known to fail.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..registry import Registry
 
 
 class Strategy(Protocol):
@@ -68,30 +70,46 @@ class Strategy(Protocol):
         """Put saved adapter weights back into the (unwrapped) model."""
 
 
-def launched_with_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+STRATEGIES: Registry[Any] = Registry("strategies")
+"""Strategy factories by name. Built-ins follow the launch; a plugin's factory is called as ``factory(config)``
+and returns an object with the :class:`Strategy` methods."""
+
+BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3")
 
 
-def resolve_strategy(config: RunConfig) -> Strategy:
-    """The strategy the launch implies, checked against ``train.strategy`` and the run config."""
-    from .ddp import DDPStrategy
+def launched_with_deepspeed(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_with_deepspeed():
-        from .deepspeed import DeepSpeedStrategy
 
-        strategy: Strategy = DeepSpeedStrategy.from_env()
-    else:
-        strategy = DDPStrategy(world_size=world)
+def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) -> Strategy:
+    """The strategy the launch implies (``env``: accelerate's launch variables, default this process's),
+    checked against ``train.strategy`` and the run config."""
+    env = os.environ if env is None else env
     wanted = config.train.strategy
-    if wanted != "auto" and wanted != strategy.name and not (wanted == "ddp" and strategy.name == "single"):
-        raise ConfigError(
-            f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
-            f"{_LAUNCH_HINT.get(wanted, 'the matching launch config')} or set train.strategy=auto"
-        )
+    if wanted not in BUILTIN_NAMES:
+        strategy: Strategy = STRATEGIES.get(wanted)(config)
+    else:
+        factory = STRATEGIES.get("deepspeed" if launched_with_deepspeed(env) else "ddp")
+        strategy = factory.from_env(env)
+        if wanted != "auto" and wanted != strategy.name and not (wanted == "ddp" and strategy.name == "single"):
+            raise ConfigError(
+                f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
+                f"{_LAUNCH_HINT.get(wanted, 'the matching launch config')} or set train.strategy=auto"
+            )
     strategy.check(config)
     return strategy
 
+
+def _register_builtins() -> None:
+    from .ddp import DDPStrategy
+    from .deepspeed import DeepSpeedStrategy
+
+    STRATEGIES.register("ddp", DDPStrategy)
+    STRATEGIES.register("deepspeed", DeepSpeedStrategy)
+
+
+_register_builtins()
 
 _LAUNCH_HINT = {
     "ddp": "launch_configs/multi_gpu_ddp.yaml",

@@ -19,6 +19,10 @@ class DDPStrategy:
     shards_parameters: bool = False
     counter: GradSyncCounter = field(default_factory=GradSyncCounter)
 
+    @classmethod
+    def from_env(cls, env) -> DDPStrategy:
+        return cls(world_size=int(env.get("WORLD_SIZE", "1")))
+
     @property
     def name(self) -> str:
         return "ddp" if self.world_size > 1 else "single"

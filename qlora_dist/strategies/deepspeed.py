@@ -41,11 +41,12 @@ class DeepSpeedStrategy:
     offload_param: str = "none"
     zero3_init: bool = False
     counter: DeepSpeedCommCounter = field(default_factory=lambda: DeepSpeedCommCounter())
+    _said_optimizer: bool = field(default=False, repr=False)
 
     @classmethod
-    def from_env(cls) -> DeepSpeedStrategy:
+    def from_env(cls, env=None) -> DeepSpeedStrategy:
         """Read the settings accelerate's launcher exported from the launch config."""
-        env = os.environ
+        env = os.environ if env is None else env
         return cls(
             stage=int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
             offload_optimizer=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower(),
@@ -103,6 +104,9 @@ class DeepSpeedStrategy:
 
     def optimizer_name(self, requested: str) -> str:
         if self.offload_optimizer not in ("none", "") and requested != CPU_ADAM:
+            if self._said_optimizer:
+                return CPU_ADAM
+            self._said_optimizer = True
             log.info(
                 "train.optimizer=%s cannot run under ZeRO-Offload (DeepSpeed refuses client optimizers there); "
                 "using DeepSpeed's CPU AdamW instead",

@@ -52,8 +52,9 @@ def test_overrides_win_and_are_typed(tmp_path):
         (["lora.dropout=1.0"], "lora.dropout=1.0 is out of range"),
         (
             ["data.format=xml"],
-            "data.format='xml' is not allowed: choose one of auto | alpaca | chat | text | completion",
+            "data.format='xml' is not allowed: choose one of auto | chat | alpaca | completion | text",
         ),
+        (["train.eval_steps=5"], "train.eval_steps=5 needs held-out data: set data.eval_fraction"),
         (["quant.compute_dtype=fp8"], "quant.compute_dtype='fp8' is not allowed"),
         (["output.merge=maybe"], "output.merge='maybe' is not a boolean"),
         (["lr=1"], "expected section.key=value"),

@@ -449,8 +449,9 @@ def test_collate_packed_has_positions_and_no_attention_mask():
         {"input_ids": [6, 7], "labels": [-100, 7], "position_ids": [0, 1]},
     ]
     batch = collate(rows, pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "real_tokens"}
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert batch["real_tokens"].tolist() == [5, 2]  # non-pad tokens, for tokens/s (not a model input)
     assert batch["labels"][1].tolist() == [-100, 7, -100, -100, -100]
     with pytest.raises(ValueError, match="mix"):
         collate([rows[0], {"input_ids": [1], "labels": [-100]}], pad_id=0)
