@@ -1,0 +1,347 @@
+"""``qlora-dist slurm``: an sbatch script for a multi-node run that survives preemption and time limits.
+
+The script runs one ``srun`` task per node; each task starts ``accelerate launch`` (torchrun) for that node's
+GPUs, and all nodes meet at the first node of the allocation. The pieces that are easy to get wrong, and why:
+
+- ``SLURM_NODEID`` is read *inside* the srun task. Read in the batch shell it is 0 on every node (the batch
+  shell runs on the first node only), every node claims machine rank 0 and the rendezvous hangs.
+- Several nodes meet with torchrun's c10d rendezvous at ``main address:port`` (the first host of the
+  allocation, a port derived from the job id). Not with ``--same_network``: with it accelerate hands torchrun
+  only ``master_addr``, which c10d ignores, so every node would wait at its own ``localhost:29400``. Node 0
+  hosts the rendezvous, said explicitly (``is_host``) instead of guessed from hostnames.
+- ``#SBATCH --signal=B:USR1@S`` warns the batch shell (only it) S seconds before the time limit. torchrun has no
+  handler for SIGUSR1: it dies and orphans its workers. So the batch shell traps USR1 and sends SIGTERM to srun,
+  which forwards it to every task; torchrun passes it to the workers, which checkpoint at the next optimizer
+  step, leave ``PREEMPTED`` in ``output.dir`` and exit.
+- Whether to requeue is decided from that marker, never from srun's exit status: torchrun exits 1 even when its
+  workers saved and exited cleanly. ``DONE`` means the run finished.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+DEFAULT_LAUNCH_CONFIG = "launch_configs/multi_gpu_ddp.yaml"
+PORT_BASE, PORT_SPAN = 20000, 20000  # main port = PORT_BASE + SLURM_JOB_ID % PORT_SPAN
+
+
+@dataclass
+class SlurmJob:
+    """What ``qlora-dist slurm`` was asked for: the run, the allocation, and where the logs go."""
+
+    config: str
+    """Run config YAML, as it will be passed to ``qlora_dist train`` (relative to the submit directory)."""
+    nodes: int
+    """Nodes to allocate; one srun task (one torchrun) per node."""
+    gpus_per_node: int
+    """GPUs per node; also the processes per node when neither SLURM_GPUS_ON_NODE nor nvidia-smi says."""
+    overrides: list[str] = field(default_factory=list)
+    """``section.key=value`` overrides of the run config."""
+    launch_config: str = DEFAULT_LAUNCH_CONFIG
+    """accelerate launch config (DDP or DeepSpeed); the machine/process flags are given on the command line."""
+    partition: str | None = None
+    time: str | None = None
+    """Time limit, as sbatch takes it (``HH:MM:SS``, ``D-HH:MM:SS``, minutes)."""
+    account: str | None = None
+    job_name: str | None = None
+    """Defaults to ``qlora-<config file stem>``."""
+    signal_seconds: int = 300
+    """How long before the time limit SLURM sends SIGUSR1: enough for one optimizer step plus a checkpoint."""
+    cpus_per_task: int | None = None
+    log_dir: str = "."
+    """Folder of the ``%x-%j.out/.err`` logs (SLURM does not create it)."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """Further sbatch options, one per line, e.g. ``--exclusive`` or ``--mem=0``."""
+
+    def command_line(self) -> str:
+        """The ``qlora-dist slurm`` command that generates this script (recorded in its header)."""
+        args = ["qlora-dist", "slurm", self.config, *self.overrides]
+        args += ["--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node)]
+        if self.launch_config != DEFAULT_LAUNCH_CONFIG:
+            args += ["--launch-config", self.launch_config]
+        for flag, value in (
+            ("--partition", self.partition),
+            ("--time", self.time),
+            ("--account", self.account),
+            ("--job-name", self.job_name),
+            ("--cpus-per-task", self.cpus_per_task),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        if self.signal_seconds != 300:
+            args += ["--signal-seconds", str(self.signal_seconds)]
+        if self.log_dir != ".":
+            args += ["--log-dir", self.log_dir]
+        for extra in self.extra_sbatch:
+            args.append(f"--extra-sbatch={_sbatch_option(extra)}")
+        return shlex.join(args)
+
+
+def sbatch_script(job: SlurmJob) -> str:
+    """Validate ``job`` against its run and launch configs and render the sbatch script."""
+    from .config import load_config
+
+    if job.nodes < 1:
+        raise UserError(f"--nodes {job.nodes}: must be at least 1")
+    if job.gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node {job.gpus_per_node}: must be at least 1")
+    if job.cpus_per_task is not None and job.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task {job.cpus_per_task}: must be at least 1")
+    if job.signal_seconds < 1:
+        raise UserError(f"--signal-seconds {job.signal_seconds}: must be at least 1")
+    for flag, value in (
+        ("--partition", job.partition),
+        ("--time", job.time),
+        ("--account", job.account),
+        ("--log-dir", job.log_dir),
+    ):
+        if value is not None and (not value or re.search(r"\s", value)):
+            raise UserError(f"{flag} {value!r}: must be non-empty, without spaces")
+    limit = _time_limit_seconds(job.time)
+    if limit is not None and job.signal_seconds >= limit:
+        raise UserError(
+            f"--signal-seconds {job.signal_seconds} is not shorter than --time {job.time}: "
+            "the run would be told to stop before it starts"
+        )
+    config = load_config(job.config, job.overrides)  # validated here, not hours later in the queue
+    launch = _read_launch_config(job.launch_config)
+    _check_strategy(config.train.strategy, launch, job.launch_config)
+
+    name = job.job_name or f"qlora-{Path(job.config).stem}"
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise UserError(f"--job-name {name!r}: use letters, digits and . _ + - only")
+    sbatch = [
+        f"--job-name={name}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={job.gpus_per_node}",
+    ]
+    if job.cpus_per_task is not None:
+        sbatch.append(f"--cpus-per-task={job.cpus_per_task}")
+    for flag, value in (("partition", job.partition), ("time", job.time), ("account", job.account)):
+        if value is not None:
+            sbatch.append(f"--{flag}={value}")
+    log_dir = job.log_dir.rstrip("/") or "/"
+    sbatch += [
+        "--requeue",
+        f"--signal=B:USR1@{job.signal_seconds}",
+        "--open-mode=append",
+        f"--output={log_dir}/%x-%j.out",
+        f"--error={log_dir}/%x-%j.err",
+    ]
+    sbatch += [_sbatch_option(extra) for extra in job.extra_sbatch]
+
+    srun_options = ["--kill-on-bad-exit=1", '--nodes="$SLURM_NNODES"', '--ntasks="$SLURM_NNODES"']
+    srun_options.append("--ntasks-per-node=1")
+    if job.cpus_per_task is not None:
+        # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without this, one CPU per node.
+        srun_options.append(f"--cpus-per-task={job.cpus_per_task}")
+    overrides = "".join(" " + shlex.quote(a) for a in job.overrides)
+    fills = {
+        "@COMMAND@": job.command_line(),
+        "@SIGNAL_SECONDS@": str(job.signal_seconds),
+        "@SBATCH@": "\n".join(f"#SBATCH {line}" for line in sbatch),
+        "@RUN_CONFIG@": shlex.quote(job.config),
+        "@LAUNCH_CONFIG@": shlex.quote(job.launch_config),
+        "@OUTPUT_DIR@": shlex.quote(config.output.dir),
+        "@GPUS_PER_NODE@": str(job.gpus_per_node),
+        "@PORT_BASE@": str(PORT_BASE),
+        "@PORT_SPAN@": str(PORT_SPAN),
+        "@SRUN_OPTIONS@": " ".join(srun_options),
+        "@OVERRIDES@": overrides,
+    }
+    # One pass, so that a value which happens to contain a placeholder is left alone.
+    return re.sub(r"@[A-Z_]+@", lambda m: fills.get(m.group(0), m.group(0)), _TEMPLATE)
+
+
+def _sbatch_option(extra: str) -> str:
+    """``--mem=0`` or ``#SBATCH --mem=0`` -> ``--mem=0``; one option per line."""
+    option = extra.strip().removeprefix("#SBATCH").strip()
+    if not option.startswith("-") or "\n" in option:
+        raise UserError(f"--extra-sbatch {extra!r}: give one sbatch option, e.g. --extra-sbatch=--exclusive")
+    return option
+
+
+def _read_launch_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"launch config not found: {path} (paths are relative to the current directory; "
+            "pass --launch-config, e.g. launch_configs/multi_gpu_ddp.yaml from a qlora-dist checkout)"
+        )
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        raise UserError(f"{path} is not an accelerate launch config (no distributed_type)")
+    return data
+
+
+def _check_strategy(strategy: str, launch: dict, path: str) -> None:
+    """The run config's train.strategy must agree with the launch config (the run would refuse to start)."""
+    dtype = str(launch.get("distributed_type", "")).upper()
+    stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
+    if dtype not in ("MULTI_GPU", "DEEPSPEED", "NO"):
+        raise UserError(f"{path}: distributed_type {dtype} is not supported here (use a DDP or DeepSpeed config)")
+    wants = {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}.get(strategy)
+    if wants is None:
+        return
+    if dtype != wants[0] or (wants[1] is not None and int(stage or 0) != wants[1]):
+        found = dtype + (f" ZeRO-{stage}" if dtype == "DEEPSPEED" else "")
+        raise UserError(f"train.strategy={strategy} but {path} launches {found}: make them agree")
+
+
+def _time_limit_seconds(limit: str | None) -> int | None:
+    """Seconds of an sbatch ``--time`` value (None when absent or unlimited); UserError when malformed.
+
+    sbatch takes ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` and ``D-H:M:S``.
+    """
+    if limit is None or limit.strip().lower() in ("unlimited", "infinite"):
+        return None
+    days, dash, rest = limit.strip().rpartition("-")
+    parts = rest.split(":")
+    if len(parts) > 3 or not all(x.isdigit() for x in [*parts, *([days] if dash else [])]):
+        raise UserError(f"--time {limit!r}: use HH:MM:SS, D-HH:MM:SS or minutes")
+    n = [int(x) for x in parts]
+    if days:
+        h, m, s = (n + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + s
+    if len(n) == 3:
+        return n[0] * 3600 + n[1] * 60 + n[2]
+    return n[0] * 60 + (n[1] if len(n) == 2 else 0)
+
+
+# The sbatch script. Placeholders are @NAME@ (bash uses $ and braces); values are shell-quoted before they go in.
+_TEMPLATE = r"""#!/bin/bash
+# Generated by: @COMMAND@
+# (run in the directory to submit from: the paths here are relative to it; the repository root for the shipped
+# examples). Regenerate rather than edit: output.dir below was resolved from the run config and its overrides.
+#
+# One srun task per node runs `accelerate launch` for that node's GPUs; the nodes meet at the first node of the
+# allocation. @SIGNAL_SECONDS@ s before the time limit SLURM sends SIGUSR1 to this shell only; the trap below turns it
+# into SIGTERM for srun, every rank checkpoints at its next optimizer step and the run leaves PREEMPTED in its
+# output folder; the script then requeues the job and the next allocation resumes from that checkpoint
+# (train.resume: auto). A run that finishes leaves DONE.
+@SBATCH@
+
+set -uo pipefail  # not -e: srun's status is looked at below, not fatal
+
+# Your environment: whatever puts `accelerate` and qlora_dist on PATH on every node, e.g.
+#   source .venv/bin/activate
+
+RUN_CONFIG=@RUN_CONFIG@
+OUTPUT_DIR=@OUTPUT_DIR@  # output.dir of the run config (with its overrides)
+export LAUNCH_CONFIG=@LAUNCH_CONFIG@
+export QLORA_GPUS_PER_NODE=@GPUS_PER_NODE@  # processes per node when neither SLURM nor nvidia-smi says
+# The same on every node: the first host of the allocation, and a port derived from the job id (stable across
+# requeues of this job, different for jobs that share a node).
+MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if [ -z "$MAIN_ADDR" ]; then
+  echo "qlora-dist slurm: scontrol show hostnames gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2
+  exit 1
+fi
+export MAIN_ADDR
+export MAIN_PORT=$((@PORT_BASE@ + SLURM_JOB_ID % @PORT_SPAN@))
+
+echo "qlora-dist slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s), main $MAIN_ADDR:$MAIN_PORT"
+# A marker left by an earlier allocation must not requeue this one.
+rm -f "$OUTPUT_DIR/PREEMPTED"
+
+# What each srun task runs, on its own node. No single quotes inside (it is one single-quoted string).
+NODE_SCRIPT='
+set -eu
+# Read here, inside the task: in the batch shell SLURM_NODEID is 0 on every node and the rendezvous hangs.
+node_rank=$SLURM_NODEID
+per_node=${SLURM_GPUS_ON_NODE:-}
+if [ -z "$per_node" ] && command -v nvidia-smi >/dev/null 2>&1; then
+  per_node=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
+fi
+case "$per_node" in "" | 0 | *[!0-9]*) per_node=$QLORA_GPUS_PER_NODE ;; esac
+if [ "$SLURM_NNODES" -gt 1 ]; then
+  # c10d at MAIN_ADDR:MAIN_PORT, hosted by node 0. Not --same_network: with it accelerate passes only
+  # master_addr, which c10d ignores (every node would wait at its own localhost:29400).
+  is_host=0
+  if [ "$node_rank" = 0 ]; then is_host=1; fi
+  rdzv="--rdzv_backend c10d --rdzv_conf is_host=$is_host"
+else
+  rdzv="--rdzv_backend static"
+fi
+echo "qlora-dist slurm: node $node_rank of $SLURM_NNODES ($(hostname)): $per_node process(es)"
+# exec: torchrun itself is the task, so the SIGTERM srun forwards reaches it (and through it the workers).
+# --deepspeed_multinode_launcher standard: torchrun on each node, not pdsh/ssh (ignored by DDP launch configs).
+exec accelerate launch --config_file "$LAUNCH_CONFIG" \
+  --num_machines "$SLURM_NNODES" --machine_rank "$node_rank" --num_processes $((SLURM_NNODES * per_node)) \
+  --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" $rdzv \
+  --deepspeed_multinode_launcher standard \
+  -m qlora_dist train "$@"
+'
+
+# SIGUSR1 (from --signal=B:USR1@...) -> one SIGTERM to srun. torchrun must never see SIGUSR1: it dies on it
+# and orphans its workers. SIGTERM to this shell means SLURM is ending the job (scancel, preemption, the time
+# limit): it signals the job steps itself; this shell only notes it and lives on to read the markers.
+srun_pid=""
+stop_requested=0
+forwarded=0
+terminated=0
+forward_stop() {
+  stop_requested=1
+  if [ -n "$srun_pid" ] && [ "$forwarded" = 0 ]; then
+    forwarded=1
+    echo "qlora-dist slurm: SIGUSR1: sending SIGTERM to srun; the run checkpoints at its next optimizer step" >&2
+    kill -TERM "$srun_pid" 2>/dev/null || true
+  fi
+}
+trap forward_stop USR1
+on_term() {
+  terminated=1
+  echo "qlora-dist slurm: SIGTERM: SLURM is ending the job; waiting for srun" >&2
+}
+trap on_term TERM
+
+srun @SRUN_OPTIONS@ bash -c "$NODE_SCRIPT" qlora-dist-node "$RUN_CONFIG"@OVERRIDES@ &
+srun_pid=$!
+if [ "$stop_requested" = 1 ]; then forward_stop; fi
+# A trapped signal cuts `wait` short (status > 128): wait again while srun runs, then once more for its own
+# status (bash keeps the status of an exited background job).
+wait "$srun_pid"
+status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do
+  wait "$srun_pid"
+  status=$?
+done
+if [ "$status" -gt 128 ]; then
+  wait "$srun_pid"
+  again=$?
+  if [ "$again" != 127 ]; then status=$again; fi
+fi
+
+# The run's markers decide, not srun's status (torchrun exits 1 after its workers saved and exited cleanly).
+if [ -e "$OUTPUT_DIR/PREEMPTED" ] && [ "$terminated" = 1 ]; then
+  # Cancelled (a requeue would undo it), or preempted (SLURM requeues a --requeue job itself), or past the limit.
+  echo "qlora-dist slurm: the run checkpointed and stopped (PREEMPTED) as SLURM ended the job: not requeueing" \
+    "it from here; submit this script again to resume if SLURM does not" >&2
+  exit 0
+fi
+if [ -e "$OUTPUT_DIR/PREEMPTED" ]; then
+  echo "qlora-dist slurm: the run checkpointed and stopped (PREEMPTED): requeueing job $SLURM_JOB_ID"
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0
+  fi
+  echo "qlora-dist slurm: scontrol requeue failed: submit this script again to resume" >&2
+  exit 1
+fi
+if [ -e "$OUTPUT_DIR/DONE" ]; then
+  echo "qlora-dist slurm: the run finished (DONE)"
+  exit 0
+fi
+echo "qlora-dist slurm: srun exited with status $status and the run left neither PREEMPTED nor DONE" >&2
+exit "$status"
+"""
