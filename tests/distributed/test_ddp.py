@@ -17,7 +17,7 @@ from qlora_dist import model as model_mod
 from qlora_dist.config import ModelConfig, QuantConfig
 from qlora_dist.data import rank_indices
 
-from .conftest import launch, read_report, write_run_config
+from .conftest import REPO, launch, read_report, write_run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -179,3 +179,18 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
         assert torch.allclose(a1[key], a2[key], rtol=1e-4, atol=1e-6), key
     # And the runs really moved: the adapters are far from their (shared) initialisation.
     assert max(float(t.abs().max()) for k, t in a1.items() if "lora_B" in k) > 1e-3
+
+
+def test_library_api_example_runs_under_accelerate_launch(tmp_path, tiny_llama_dir, cache_dir):
+    """examples/library_api.py: the plugin's pieces in a user's own loop, 2 ranks through the DDP launch config."""
+    out = tmp_path / "out"
+    example = REPO / "examples" / "library_api.py"
+    overrides = [f"model.name_or_path={tiny_llama_dir}", f"output.dir={out}", "train.max_steps=3", "train.eval_steps=0"]
+    proc = launch([str(example), str(REPO / "examples" / "configs" / "tiny.yaml"), *overrides], cache_dir)
+    report = read_report(out)
+    assert report["world_size"] == 2 and report["distributed_type"] == "MULTI_CPU"
+    assert report["grad_sync_bytes_per_step"] == report["trainable_grad_bytes"]
+    assert len(set(report["lora_checksum_per_rank"])) == 1
+    assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
+    assert report["merge"]["rel_logit_error"] <= 1e-4 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "step 3/3" in proc.stdout
