@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch. On a GPU machine: make TORCH=torch (or the CUDA build your cluster uses).
+# torch to install first. torch==2.13.0 is the CPU build where pip is set up with a local CPU wheel (as on the
+# project's CI machines); from plain PyPI on Linux the same pin is a CUDA build. On a GPU machine: make TORCH=torch.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
