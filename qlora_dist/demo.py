@@ -98,7 +98,7 @@ def run_demo(output: Path, num_processes: int | None, overrides: list[str]) -> i
     config["data"]["path"] = str(data)
     config["output"]["dir"] = str(output)
     output.mkdir(parents=True, exist_ok=True)
-    config_path = output.parent / f".{output.name}-run.yaml"
+    config_path = output / "demo_run.yaml"  # the run config the demo launches with (config.yaml: resolved)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     where = f"{n} GPU process(es)" if gpus else f"{n} CPU processes (gloo)"
     print(f"qlora-dist demo: launching {where} with accelerate ...", flush=True)
