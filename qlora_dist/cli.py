@@ -19,7 +19,13 @@ log = logging.getLogger("qlora_dist")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may also come after options (qlora-dist plan RUN.yaml --gpus 8 data.max_length=2048).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("QLORA_DIST_DEBUG", "") not in ("", "0")
     setup_logging()
     try:
