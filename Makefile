@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast quality format clean
+.PHONY: install demo test test-fast quality format clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Throughput against the reference Trainer recipe (about 10 minutes on 2 CPU cores); writes BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m qlora_dist.bench
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

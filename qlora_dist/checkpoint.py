@@ -54,6 +54,8 @@ class TrainState:
     total_steps: int = 0
     """The schedule's length, fixed at the first start so the LR schedule resumes unchanged."""
     seed: int = 0
+    global_batch: int = 0
+    """Examples per optimizer step over all ranks (the length-grouped order depends on it)."""
     initial_loss: float | None = None
     tokens: int = 0
     train_seconds: float = 0.0

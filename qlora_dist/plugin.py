@@ -339,6 +339,16 @@ class QLoRAPlugin:
 
     def resume(self, path: Path, accelerator, model, optimizer, scheduler):
         """Restore a run's state from checkpoint ``path`` (after ``prepare``); returns the TrainState."""
+        t = self.config.train
+        saved_batch = checkpoint.read_state(path).global_batch
+        global_batch = t.micro_batch_size * t.grad_accum * accelerator.num_processes
+        if self.config.data.group_by_length and saved_batch and saved_batch != global_batch:
+            # The length-grouped order is cut into global batches: another batch size is another order, and
+            # resuming into it would repeat some examples and skip others.
+            raise UserError(
+                f"{path} was written with a global batch of {saved_batch} and data.group_by_length=true; this "
+                f"launch has {global_batch}: keep micro_batch_size x grad_accum x processes equal to resume"
+            )
         state = checkpoint.load(
             path, accelerator=accelerator, strategy=self.strategy, model=model, optimizer=optimizer, scheduler=scheduler
         )

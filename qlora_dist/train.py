@@ -48,7 +48,10 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     resume_from = plugin.find_checkpoint()
 
     steps_per_epoch = plugin.steps_per_epoch(len(train_data), world)
-    state = TrainState(world_size=world, seed=t.seed, total_steps=t.max_steps or t.epochs * steps_per_epoch)
+    global_batch = t.micro_batch_size * t.grad_accum * world
+    state = TrainState(
+        world_size=world, seed=t.seed, global_batch=global_batch, total_steps=t.max_steps or t.epochs * steps_per_epoch
+    )
     if resume_from is not None:  # the schedule keeps the length it had when the run first started
         state.total_steps = checkpoint.read_state(resume_from).total_steps
     optimizer = plugin.make_optimizer(model)

@@ -1,0 +1,78 @@
+"""The throughput benchmark harness (``qlora_dist.bench``): it runs end to end and produces its table.
+
+Only the harness is tested, never the speed: ``--quick`` trains a tiny model for a few steps with each recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qlora_dist import bench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
+    results = tmp_path / "results.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_dist.bench", "--quick", "--work", str(tmp_path), "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    table = proc.stdout[proc.stdout.index("recipe") :].splitlines()
+    assert [line.split("  ")[0] for line in table[1:4]] == [bench.LABELS[r] for r in bench.RECIPES]
+    assert table[1].count("1.00 [1.00-1.00]") == 3, "(a) is the reference: every ratio of its row is 1"
+
+    summary = json.loads(results.read_text())["summary"]
+    assert set(summary) == set(bench.RECIPES)
+    for metric in bench.METRICS:
+        assert summary["reference"][metric]["ratio_median"] == 1.0
+        for recipe in bench.RECIPES:
+            assert summary[recipe][metric]["median"] > 0
+    # Packing leaves less padding than batches padded to their longest example.
+    assert summary["qlora_dist_packed"]["pad_fraction"] < summary["reference"]["pad_fraction"]
+
+
+def _result() -> dict:
+    raw = [
+        {
+            "reference": {"step_s": 2.0, "tokens_per_s": 100.0, "peak_rss": 2**30, "pad_fraction": 0.3},
+            "qlora_dist": {"step_s": 1.8, "tokens_per_s": 111.0, "peak_rss": 2**30, "pad_fraction": 0.3},
+            "qlora_dist_packed": {"step_s": 5.0, "tokens_per_s": 160.0, "peak_rss": 2**31, "pad_fraction": 0.05},
+        }
+    ]
+    for r in raw:
+        for v in r.values():
+            v["tokens_per_step"] = v["tokens_per_s"] * v["step_s"]
+    return {"setup": vars(bench.QUICK).copy(), "raw": raw, "summary": bench.summarize(raw), "wall_s": 60.0}
+
+
+def test_summary_ratios_and_targets():
+    summary = _result()["summary"]
+    assert summary["qlora_dist"]["step_s"]["ratio_median"] == 0.9
+    assert summary["qlora_dist_packed"]["tokens_per_s"]["ratio_median"] == 1.6
+    assert bench.targets(summary) == {"b_not_slower": True, "c_tokens_1_5x": True}
+    text = bench.format_table(summary, markdown=True)
+    assert text.count("\n") == 4 and "0.90 [0.90-0.90] (1.80 s)" in text
+
+
+def test_markdown_section_replaces_only_its_own_section(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    bench.write_section(path, "## Training throughput\n\nOLD-CONTENT\n")
+    assert path.read_text() == "# Benchmarks\n\n## Training throughput\n\nOLD-CONTENT\n"
+    path.write_text(path.read_text() + "\n## Merge\n\nmerge numbers\n")
+    section = bench.markdown_section(_result(), "python -m qlora_dist.bench")
+    bench.write_section(path, section)
+    text = path.read_text()
+    assert "OLD-CONTENT" not in text and text.count("## Training throughput") == 1
+    assert text.endswith("## Merge\n\nmerge numbers\n"), "the other engineer's section is untouched"
+    assert "ratios from one invocation" in text and "**met**" in text
