@@ -5,15 +5,39 @@ weights it was trained against*, never re-quantized: the adapter learned to corr
 model reproduces the QLoRA model's outputs. ``original`` merges into the unquantized checkpoint instead
 (closer to the original model, but no longer equal to what was trained).
 
+Two ways to get there, with bit-identical results:
+
+- **streaming** (the default whenever the base is a local safetensors checkpoint and the adapter plain LoRA):
+  the base's safetensors files are read one tensor at a time. Each weight that training quantized is cast the
+  way transformers casts it before quantizing (to the compute dtype, on the training device), quantized with
+  bitsandbytes' ``quantize_4bit`` (same block size, quant type, double quantization and storage dtype) and
+  dequantized, so it equals what the adapter saw; the LoRA delta is added with peft's own arithmetic
+  (``(B @ A) * alpha/r`` in float32, added in place), and the tensor is written straight into its output
+  shard (the output shards mirror the base's). Memory is a few copies of the largest tensor plus the
+  adapter: the whole model is never in memory (BENCHMARKS.md, "Merge": 0.4 GB against 4.9 GB for a 1.1B
+  model). A run on ZeRO-3 gathers nothing for it: the base comes from disk. After a training run the logit
+  check then loads the merged folder once, on the training device, to compare with the QLoRA model.
+- **in-memory** (the fallback: ``.bin`` checkpoints, adapters with DoRA, rank/alpha patterns,
+  ``modules_to_save``, ...; or when the caller passes the dequantized weights): the whole unquantized base
+  is loaded, the dequantized weights copied in, and peft's ``merge_and_unload`` folds the adapter in.
+
 The merged folder is written under a temporary name and renamed into place, so there is never a
 half-written ``merged/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
 import logging
+import math
+import os
+import re
 import shutil
+import struct
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,6 +46,106 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+QUANT_META = "qlora_dist.json"
+"""File beside a saved adapter recording the 4-bit settings it was trained against (read by a later merge)."""
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Rebuild:
+    """How training quantized the base: all a merge needs to rebuild those 4-bit weights, bit for bit, from the
+    unquantized checkpoint (``merge_base: dequantized``) without the trained model's own copy of them.
+
+    ``layers`` are the base names of the quantized weights (``model.layers.0.mlp.up_proj.weight``, ...), taken
+    from the trained model when there is one; None derives them from the checkpoint's config the way
+    transformers does when it loads with a ``BitsAndBytesConfig``.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    storage_dtype: torch.dtype = torch.uint8
+    compute_dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    blocksize: int = 64
+    """bitsandbytes' ``Params4bit`` default, which transformers' ``Linear4bit`` layers use."""
+    layers: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, quant, compute_dtype: torch.dtype, device: torch.device | str, model: nn.Module | None = None):
+        """From a run's ``QuantConfig`` and compute dtype and the device it quantized on; with ``model`` (the
+        trained one, peft-wrapped or not, any strategy: nothing is gathered) its 4-bit layer names and block size."""
+        from .model import _DTYPES
+
+        storage = "uint8" if quant.storage_dtype == "auto" else quant.storage_dtype
+        layers, blocksizes = quantized_layers(model) if model is not None else (None, set())
+        if len(blocksizes) > 1:
+            raise RuntimeError(f"4-bit layers with different block sizes: {sorted(blocksizes)}")
+        blocksize = next(iter(blocksizes), 64)
+        return cls(
+            quant_type=quant.quant_type,
+            double_quant=quant.double_quant,
+            storage_dtype=_DTYPES[storage],
+            compute_dtype=compute_dtype,
+            device=torch.device(device),
+            blocksize=blocksize,
+            layers=frozenset(layers) if layers is not None else None,
+        )
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], device: torch.device) -> NF4Rebuild:
+        """From the ``qlora_dist.json`` written beside an adapter (NF4 + double quantization when it is empty)."""
+        from .config import QuantConfig
+        from .model import resolve_dtype
+
+        quant = QuantConfig(**meta.get("quant", {}))
+        return cls.of(quant, resolve_dtype(meta.get("compute_dtype", "auto"), device), device)
+
+    def quant_config(self):
+        """These settings as the run config's ``QuantConfig`` (for loading the base in 4 bits)."""
+        from .config import QuantConfig
+        from .model import _DTYPES
+
+        storage = next(name for name, dtype in _DTYPES.items() if dtype == self.storage_dtype)
+        return QuantConfig(quant_type=self.quant_type, double_quant=self.double_quant, storage_dtype=storage)
+
+    def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` quantized to 4 bits and dequantized, exactly as the training run's layer held it.
+
+        transformers casts a checkpoint tensor to the ``dtype`` given to ``from_pretrained`` (the compute dtype)
+        on its target device, then ``Params4bit`` quantizes it there with these settings; the result is in the
+        compute dtype on that device.
+        """
+        import bitsandbytes.functional as F
+
+        w = weight.to(device=self.device, dtype=self.compute_dtype)
+        packed, state = F.quantize_4bit(
+            w.contiguous(),
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=self.storage_dtype,
+        )
+        del w
+        return F.dequantize_4bit(packed, state)
+
+
+def quantized_layers(model: nn.Module) -> tuple[set[str], set[int]]:
+    """Base names of the weights of ``model``'s 4-bit layers, and the block sizes they were quantized with."""
+    import bitsandbytes as bnb
+
+    from .model import base_param_name
+
+    names, blocksizes = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            names.add(base_param_name(name + ".weight"))
+            blocksizes.add(int(getattr(module.weight, "blocksize", None) or 64))
+    return names, blocksizes
 
 
 def dequantized_base_weights(
@@ -32,7 +156,7 @@ def dequantized_base_weights(
     Names are those of the plain base checkpoint (peft's ``base_model.model.`` prefix and ``.base_layer``
     removed), so they index a freshly loaded unquantized model directly. ``gathered(params)`` makes a
     ZeRO-3-sharded weight whole; under ZeRO-3 every rank calls this (one layer gathered at a time) and only
-    the one with ``keep`` stores the result.
+    the one with ``keep`` stores the result. (The in-memory merge; the streaming one needs none of this.)
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -76,6 +200,24 @@ def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
+def rebuild_dequantized(
+    base_path: str, nf4: NF4Rebuild, dtype: torch.dtype, trust_remote_code: bool = False
+) -> dict[str, torch.Tensor]:
+    """The in-memory way to the trained-against weights: load the base in 4 bits on ``nf4.device`` (this process
+    alone, even inside a ZeRO-3 run) and dequantize every 4-bit layer to ``dtype`` on CPU."""
+    from .config import ModelConfig
+    from .model import load_quantized_model
+
+    cfg = ModelConfig(name_or_path=base_path, trust_remote_code=trust_remote_code)
+    with _without_zero3_init():
+        quantized = load_quantized_model(cfg, nf4.quant_config(), nf4.device, nf4.compute_dtype)
+    try:
+        return dequantized_base_weights(quantized, dtype)
+    finally:
+        del quantized
+        gc.collect()
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Float32 CPU logits of ``model`` for each batch of token ids (under ZeRO-3, every rank must call this)."""
@@ -92,20 +234,478 @@ def relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor])
 
 def save_atomically(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """Save safetensors shards and the tokenizer to ``out_dir`` through a temporary folder and a rename."""
+    with staged(out_dir) as tmp:
+        _save_in_memory(model, tokenizer, tmp)
+
+
+# -- the streaming merge ------------------------------------------------------------------------------------
+
+
+def streaming_blocker(
+    base_path: str, adapter_dir: str | Path, nf4: NF4Rebuild | None = None, trust_remote_code: bool = False
+) -> str | None:
+    """Why ``base_path`` + ``adapter_dir`` cannot be merged by streaming (None when they can).
+
+    Streaming needs the base as local safetensors files (``model.safetensors`` or an index with shards; a hub
+    id is looked up in the local cache) holding every weight to re-quantize under its model name, and a plain
+    LoRA adapter (``adapter_model.safetensors``; no DoRA, patterns, ``modules_to_save``, ...).
+    """
+    try:
+        _plan(base_path, Path(adapter_dir), nf4, trust_remote_code)
+    except _Unsupported as e:
+        return str(e)
+    return None
+
+
+def stream_merge(
+    base_path: str,
+    adapter_dir: str | Path,
+    out_dir: Path,
+    dtype: torch.dtype,
+    nf4: NF4Rebuild | None,
+    trust_remote_code: bool = False,
+) -> dict[str, int]:
+    """Merge ``adapter_dir`` into the base shard by shard, writing safetensors shards, index, config and
+    generation config into the (existing, empty) ``out_dir``. ``nf4`` rebuilds the trained-against 4-bit
+    weights (``merge_base: dequantized``); None merges into the original weights. Returns counts.
+
+    Raises RuntimeError when :func:`streaming_blocker` has a reason.
+    """
+    try:
+        plan = _plan(base_path, Path(adapter_dir), nf4, trust_remote_code)
+    except _Unsupported as e:
+        raise RuntimeError(f"cannot stream this merge: {e}") from None
+    return _stream(plan, out_dir, dtype, nf4)
+
+
+class _Unsupported(Exception):
+    """A base or adapter the streaming merge does not handle (the in-memory path does)."""
+
+
+@dataclasses.dataclass
+class _Plan:
+    folder: Path
+    files: list[Path]
+    headers: dict[Path, tuple[int, dict[str, dict]]]
+    deltas: dict[str, _Lora]
+    quantized: frozenset[str]
+    config: Any
+
+
+def _plan(base_path: str, adapter_dir: Path, nf4: NF4Rebuild | None, trust_remote_code: bool) -> _Plan:
+    """Everything the streaming merge needs before it writes a byte; raises _Unsupported otherwise."""
+    from transformers import AutoConfig
+
+    found = _safetensors_files(base_path)
+    if found is None:
+        raise _Unsupported(f"{base_path} has no safetensors checkpoint ({SAFE_SINGLE} or {SAFE_INDEX})")
+    folder, files = found
+    deltas = _read_lora(adapter_dir)
+    headers = {f: _read_header(f) for f in files}
+    names = {name for _, header in headers.values() for name in header}
+    unknown = {info["dtype"] for _, header in headers.values() for info in header.values()} - set(_ST_DTYPES)
+    if unknown:
+        raise _Unsupported(f"{base_path} holds tensors of dtype {', '.join(sorted(unknown))}")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    quantized: frozenset[str] = frozenset()
+    if nf4 is not None:
+        quantized = frozenset(
+            nf4.layers if nf4.layers is not None else quantized_weights_of_config(config, nf4, trust_remote_code)
+        )
+    for what, wanted in (("4-bit layers", quantized), ("LoRA targets", deltas)):
+        missing = sorted(set(wanted) - names)
+        if missing:
+            raise _Unsupported(f"{what} without a weight of that name in the checkpoint: {', '.join(missing[:3])}")
+    return _Plan(folder, files, headers, deltas, quantized, config)
+
+
+def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | None) -> dict[str, int]:
+    """Output shards mirror the input's (same file names and tensors), floating tensors in ``dtype``. Every
+    tensor goes read -> (re-quantize) -> cast -> add delta -> write before the next one is read."""
+    weight_map, total = {}, 0
+    for file, (data_start, header) in plan.headers.items():
+        entries = [(name, _output_dtype(info, dtype), info["shape"], info) for name, info in header.items()]
+        # Widest dtypes first keeps every tensor aligned to its element size (what the safetensors writer does);
+        # within a dtype, file order, so the input is read front to back.
+        entries.sort(key=lambda e: (-e[1].itemsize, e[3]["data_offsets"][0]))
+        with open(file, "rb") as src:
+
+            def produce(name: str, info: dict, src=src, data_start=data_start) -> torch.Tensor:
+                tensor = _read_tensor(src, data_start, info)
+                rebuild = nf4 if name in plan.quantized else None
+                return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name))
+
+            total += _write_safetensors(out_dir / file.name, entries, produce)
+        weight_map.update({name: file.name for name, *_ in entries})
+    if len(plan.files) > 1 or (plan.folder / SAFE_INDEX).is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _save_configs(plan.config, plan.folder, out_dir, dtype)
+    return {
+        "tensors": len(weight_map),
+        "quantized": len(plan.quantized),
+        "merged": len(plan.deltas),
+        "shards": len(plan.files),
+    }
+
+
+def _output_dtype(info: dict, dtype: torch.dtype) -> torch.dtype:
+    """Floating tensors are merged in ``dtype`` (as ``from_pretrained(dtype=...)`` loads them); others keep theirs."""
+    source = _ST_DTYPES[info["dtype"]]
+    return dtype if source.is_floating_point else source
+
+
+@torch.no_grad()
+def _merged_tensor(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, nf4: NF4Rebuild | None, lora: _Lora | None
+) -> torch.Tensor:
+    """One output tensor, computed exactly as the in-memory path computes it.
+
+    In-memory: the dequantized weight (compute dtype, on the quantizing device) goes ``.to("cpu", dtype)`` and
+    is copied into the base loaded in ``dtype``; peft then adds its delta in place on the CPU. Everything else is
+    the checkpoint tensor loaded in ``dtype``.
+    """
+    if nf4 is not None:
+        tensor = nf4.roundtrip(tensor).to("cpu", dtype)
+    elif tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if lora is not None:
+        if tuple(lora.shape) != tuple(tensor.shape):
+            raise RuntimeError(f"{name}: LoRA delta of shape {lora.shape} for a weight of shape {tuple(tensor.shape)}")
+        tensor += lora.delta()
+    return tensor
+
+
+@dataclasses.dataclass
+class _Lora:
+    """One layer's LoRA pair as peft holds it after ``PeftModel.from_pretrained``: float32 on the CPU (peft
+    upcasts bfloat16/float16 adapter weights; float32 ones are loaded as they are)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        # peft's LoraLayer.get_delta_weight: (B @ A) * scaling, fan_in_fan_out=False, in the weights' dtype.
+        return (self.B @ self.A) * self.scaling
+
+
+def _read_lora(adapter_dir: Path) -> dict[str, _Lora]:
+    """``{base weight name: LoRA pair}`` from a saved plain-LoRA adapter; raises _Unsupported otherwise."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise _Unsupported(f"{adapter_dir} has no {ADAPTER_CONFIG}")
+    if not weights_path.is_file():
+        raise _Unsupported(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
+    cfg = json.loads(config_path.read_text())
+    features = {
+        "peft_type other than LORA": cfg.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(cfg.get("use_dora")),
+        "lora_bias": bool(cfg.get("lora_bias")),
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "layer_replication": bool(cfg.get("layer_replication")),
+    }
+    used = [k for k, v in features.items() if v]
+    if used:
+        raise _Unsupported(f"adapter uses {', '.join(used)}")
+    r, alpha = int(cfg["r"]), cfg["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r  # peft's LoraLayer.update_layer
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(weights_path).items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            raise _Unsupported(f"adapter weight {key} is not a LoRA A/B matrix of a linear layer")
+        pairs.setdefault(match.group(1) + ".weight", {})[match.group(2)] = tensor.to(torch.float32)
+    out = {}
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise _Unsupported(f"adapter has only half a LoRA pair for {name}")
+        if pair["A"].shape[0] != r or pair["B"].shape[1] != r:
+            raise _Unsupported(f"adapter rank of {name} differs from r={r}")
+        out[name] = _Lora(pair["A"].contiguous(), pair["B"].contiguous(), scaling)
+    return out
+
+
+def quantized_weights_of_config(config, nf4: NF4Rebuild, trust_remote_code: bool = False) -> set[str]:
+    """The weights transformers quantizes when it loads a model of ``config`` with these 4-bit settings: the
+    model is built on the meta device (no memory) and put through the bitsandbytes quantizer's own module
+    replacement (every ``nn.Linear`` except the output head and the modules it keeps unquantized)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from .model import bnb_config
+
+    bnb_cfg = bnb_config(nf4.quant_config(), nf4.compute_dtype)
+    with _without_zero3_init(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=nf4.compute_dtype, device_map={"": "cpu"})
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module, "source_cls", nn.Linear) is not nn.Linear:
+                raise _Unsupported(f"{name} is a quantized {module.source_cls.__name__}: only nn.Linear is supported")
+            names.add(name + ".weight")
+    return names
+
+
+def _save_configs(config, base_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """config.json (dtype set to the merged one), generation_config.json and any remote code, as
+    ``save_pretrained`` of the in-memory merged model writes them."""
+    from transformers import GenerationConfig
+
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out_dir)
+    if getattr(config, "auto_map", None):
+        for code in base_dir.glob("*.py"):
+            shutil.copy2(code, out_dir / code.name)
+
+
+# -- safetensors, one tensor at a time ----------------------------------------------------------------------
+# The format: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} (padded
+# with spaces), then the raw bytes. Reading with plain file reads (no mmap) keeps only the tensor being
+# processed in memory; writing the header first (shapes and dtypes are known) lets each tensor go to disk as
+# soon as it is computed.
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _safetensors_files(base_path: str) -> tuple[Path, list[Path]] | None:
+    """(folder, shard files in order) of a safetensors checkpoint, or None when there is none."""
+    folder = _local_model_dir(base_path)
+    if folder is None:
+        return None
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / s for s in shards]
+    elif (folder / SAFE_SINGLE).is_file():
+        files = [folder / SAFE_SINGLE]
+    else:
+        return None
+    if not all(f.is_file() for f in files):
+        return None
+    return folder, files
+
+
+def _local_model_dir(base_path: str) -> Path | None:
+    """The folder holding the checkpoint: ``base_path`` itself, or a hub id's snapshot in the local cache."""
+    p = Path(base_path).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_path, local_files_only=True))
+    except Exception:  # not a hub id, or not cached: the in-memory path will say what is wrong
+        return None
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, ``{name: {dtype, shape, data_offsets}}``) of a safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _read_tensor(f, data_start: int, info: dict) -> torch.Tensor:
+    start, end = info["data_offsets"]
+    raw = torch.empty(end - start, dtype=torch.uint8)
+    view = memoryview(raw.numpy())
+    f.seek(data_start + start)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"{f.name}: file ends inside a tensor")
+        done += n
+    return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], Any]], produce) -> int:
+    """Write a safetensors file of ``entries`` (name, dtype, shape, what ``produce`` needs), each tensor coming
+    from ``produce(name, payload)`` only when its turn comes; returns the bytes of tensor data.
+
+    One background thread writes tensor i while ``produce`` computes tensor i+1 (file writes and torch ops
+    both release the GIL), so at most two output tensors are alive at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as writer:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        pending = None
+        for name, dtype, shape, payload in entries:
+            tensor = produce(name, payload)
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise RuntimeError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, expected {dtype} {shape}")
+            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor
+            if pending is not None:
+                pending.result()  # in order, and never more than one tensor waiting
+            pending = writer.submit(f.write, data)
+        if pending is not None:
+            pending.result()
+    return offset
+
+
+# -- both paths: staging, verification, the two entry points ------------------------------------------------
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out_dir`` that replaces ``out_dir`` (by renames) when the block succeeds
+    and is removed when it fails, so ``out_dir`` is never half-written."""
+    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    old = out_dir.with_name(out_dir.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):  # the data is on disk before the rename makes it visible
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        _fsync_dir(out_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_in_memory(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        tokenizer.save_pretrained(folder)
+
+
+def _merge_into(
+    folder: Path,
+    adapter_dir: Path,
+    base_spec: dict[str, torch.Tensor] | NF4Rebuild | None,
+    base_path: str,
+    dtype: torch.dtype,
+    tokenizer: Any,
+    trust_remote_code: bool,
+    check: tuple[list[torch.Tensor], list[torch.Tensor], torch.device] | None = None,
+    method: str = "auto",
+) -> tuple[str, float | None]:
+    """Merge into the empty ``folder`` by streaming when possible (``method="auto"``), else in memory; return
+    (method used, logit error against ``check = (batches, reference logits, device)``, None without a check).
+    ``method="in-memory"`` forces the in-memory path; ``"streaming"`` raises when streaming is impossible."""
+    if method not in ("auto", "streaming", "in-memory"):
+        raise ValueError(f"method={method!r}: choose auto, streaming or in-memory")
+    blocker = "dequantized weights given in memory" if isinstance(base_spec, dict) else None
+    blocker = blocker or ("in-memory merge requested" if method == "in-memory" else None)
+    if blocker is None:
+        try:
+            plan = _plan(base_path, adapter_dir, base_spec, trust_remote_code)
+        except _Unsupported as e:
+            blocker = str(e)
+    if blocker is not None and method == "streaming":
+        raise RuntimeError(f"cannot stream this merge: {blocker}")
+    if blocker is None:
+        counts = _stream(plan, folder, dtype, base_spec)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        log.info(
+            "streamed %d tensors in %d shard(s): %d re-quantized, %d with a LoRA delta",
+            counts["tensors"], counts["shards"], counts["quantized"], counts["merged"],
+        )  # fmt: skip
+        error = _check_saved(folder, dtype, check, trust_remote_code) if check else None
+        return "streaming", error
+    if not isinstance(base_spec, dict):
+        log.info("merging in memory: %s", blocker)
+    dequantized = base_spec
+    if isinstance(base_spec, NF4Rebuild):
+        dequantized = rebuild_dequantized(base_path, base_spec, dtype, trust_remote_code)
+    merged = merge_adapter(load_merge_base(base_path, dtype, dequantized, trust_remote_code), adapter_dir)
+    del dequantized
+    merged.eval()
+    error = None
+    if check:
+        batches, reference, _ = check
+        error = relative_error(reference, logits_of(merged, batches))
+    _save_in_memory(merged, tokenizer, folder)
+    return "in-memory", error
+
+
+def _check_saved(folder: Path, dtype: torch.dtype, check, trust_remote_code: bool) -> float:
+    """Relative logit error of the merged model saved in ``folder`` against the reference logits.
+
+    This loads the merged model once, on the check's device (the training device: on a GPU the shards go
+    straight to GPU memory, not host RAM), and frees it again: the one moment the whole merged model is in
+    memory, after the merge itself. Pass no check batches to skip it for a model that does not fit.
+    """
+    from transformers import AutoModelForCausalLM
+
+    batches, reference, device = check
+    with _without_zero3_init():
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map={"": torch.device(device)}, trust_remote_code=trust_remote_code
+        )
+    model.eval()
+    try:
+        return relative_error(reference, logits_of(model, batches))
+    finally:
+        del model
+        gc.collect()
 
 
 def merge_trained(
     adapter_dir: Path,
-    dequantized: dict[str, torch.Tensor] | None,
+    dequantized: dict[str, torch.Tensor] | NF4Rebuild | None,
     base_path: str,
     out_dir: Path,
     dtype: torch.dtype,
@@ -114,33 +714,103 @@ def merge_trained(
     reference_logits: list[torch.Tensor],
     trust_remote_code: bool = False,
     rank: int = 0,
+    check_device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Merge on the calling (main) process and verify against the QLoRA model's logits.
 
-    ``dequantized`` holds the trained-against NF4 weights dequantized (``merge_base: dequantized``), or is
-    None to merge into the original weights. ``reference_logits`` are the QLoRA model's (NF4 base + adapter)
-    logits on ``check_batches``, computed before the merge. Returns ``run_report.json``'s ``merge`` section.
+    ``dequantized`` says which base: an :class:`NF4Rebuild` (``merge_base: dequantized``, rebuilt from the
+    checkpoint: streaming, nothing gathered), the trained-against NF4 weights already dequantized (a dict: the
+    in-memory path), or None to merge into the original weights. ``reference_logits`` are the QLoRA model's
+    (NF4 base + adapter) logits on ``check_batches``, computed before the merge; the merged model is compared
+    on ``check_device``. Returns ``run_report.json``'s ``merge`` section.
     """
     start = time.perf_counter()
-    merged = merge_adapter(load_merge_base(base_path, dtype, dequantized, trust_remote_code), adapter_dir)
-    merged.eval()
-    error = relative_error(reference_logits, logits_of(merged, check_batches)) if check_batches else None
-    save_atomically(merged, tokenizer, out_dir)
+    check = (check_batches, reference_logits, torch.device(check_device)) if check_batches else None
+    with staged(Path(out_dir)) as tmp:
+        method, error = _merge_into(
+            tmp, Path(adapter_dir), dequantized, base_path, dtype, tokenizer, trust_remote_code, check
+        )
     seconds = time.perf_counter() - start
-    base = "dequantized" if dequantized is not None else "original"
+    base = "original" if dequantized is None else "dequantized"
     log.info(
-        "rank %d merged the adapter into the %s base (%s) in %.1fs; relative logit error %s",
-        rank, base, dtype, seconds, error,
+        "rank %d merged the adapter into the %s base (%s, %s) in %.1fs; relative logit error %s",
+        rank, base, dtype, method, seconds, error,
     )  # fmt: skip
     return {
         "merged_by_rank": rank,
         "base": base,
+        "method": method,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,
         "checked_sequences": sum(int(b.shape[0]) for b in check_batches),
         "seconds": round(seconds, 3),
         "path": str(out_dir),
     }
+
+
+def merge_command(
+    base: str, adapter: str, out: Path, merge_base: str, dtype_name: str, method: str = "auto"
+) -> dict[str, Any]:
+    """``qlora-dist merge``: merge an adapter (trained here or elsewhere) into its base, without training state.
+
+    For ``dequantized`` the base is quantized with the settings recorded beside the adapter (NF4 with double
+    quantization when there are none), on a GPU when there is one, then dequantized, as in training. Streams
+    shard by shard when the base is in safetensors (see :func:`streaming_blocker`), else merges in memory;
+    ``method`` (``auto`` | ``streaming`` | ``in-memory``) forces one of them (benchmarks, tests).
+    """
+    from transformers import AutoTokenizer
+
+    from .errors import UserError
+    from .model import check_not_prequantized, resolve_dtype
+
+    _check_base_arg(base)
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (expected a peft adapter folder)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a new or empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
+    if Path(base).expanduser().is_dir():
+        check_not_prequantized(Path(base).expanduser() / "config.json")
+    meta_path = adapter_dir / QUANT_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if merge_base == "dequantized" and not meta:
+        log.warning("%s has no %s: assuming NF4 with double quantization", adapter_dir, QUANT_META)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    nf4 = NF4Rebuild.from_meta(meta, device) if merge_base == "dequantized" else None
+    compute = resolve_dtype(meta.get("compute_dtype", "auto"), device)
+    dtype = compute if dtype_name == "auto" else resolve_dtype(dtype_name, device)
+    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer saved with the merged model (%s: %s)", tok_source, str(e).splitlines()[0])
+        tokenizer = None
+    start = time.perf_counter()
+    with staged(out) as tmp:
+        method, _ = _merge_into(tmp, adapter_dir, nf4, base, dtype, tokenizer, False, method=method)
+    info = {
+        "base": merge_base,
+        "method": method,
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    log.info("merged %s into %s (%s base, %s, %s) -> %s", adapter_dir, base, merge_base, info["dtype"], method, out)
+    return info
+
+
+def _check_base_arg(base: str) -> None:
+    from .errors import UserError
+
+    p = Path(base).expanduser()
+    if p.is_file():
+        raise UserError(f"--base {base}: expected a model folder, found a file")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UserError(f"--base {base}: folder has no config.json (is it a model folder?)")
+    looks_like_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~"))
+    if not p.exists() and not looks_like_hub_id:
+        raise UserError(f"--base {base}: no such folder")
 
 
 @contextmanager
@@ -162,54 +832,3 @@ def _without_zero3_init():
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-QUANT_META = "qlora_dist.json"
-"""File beside a saved adapter recording the 4-bit settings it was trained against (read by a later merge)."""
-
-
-def merge_command(base: str, adapter: str, out: Path, merge_base: str, dtype_name: str) -> dict[str, Any]:
-    """``qlora-dist merge``: merge an adapter (trained here or elsewhere) into its base, without training state.
-
-    For ``dequantized`` the base is quantized with the settings recorded beside the adapter (NF4 with double
-    quantization when there are none), on a GPU when there is one, then dequantized, as in training.
-    """
-    import json
-
-    from transformers import AutoTokenizer
-
-    from .config import ModelConfig, QuantConfig
-    from .errors import UserError
-    from .model import check_model_path, load_quantized_model, resolve_dtype
-
-    check_model_path(ModelConfig(name_or_path=base))
-    adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter folder)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: folder exists and is not empty; choose a new folder")
-    meta_path = adapter_dir / QUANT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if merge_base == "dequantized" and not meta:
-        log.warning("%s has no %s: assuming NF4 with double quantization", adapter_dir, QUANT_META)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compute = resolve_dtype(meta.get("compute_dtype", "auto"), device)
-    dtype = compute if dtype_name == "auto" else resolve_dtype(dtype_name, device)
-    start = time.perf_counter()
-    dequantized = None
-    if merge_base == "dequantized":
-        quantized = load_quantized_model(
-            ModelConfig(name_or_path=base), QuantConfig(**meta.get("quant", {})), device, compute
-        )
-        dequantized = dequantized_base_weights(quantized, dtype)
-        del quantized
-    merged = merge_adapter(load_merge_base(base, dtype, dequantized), adapter_dir)
-    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
-    save_atomically(merged, AutoTokenizer.from_pretrained(tok_source), out)
-    info = {
-        "base": merge_base,
-        "dtype": str(dtype).replace("torch.", ""),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    log.info("merged %s into %s (%s base, %s) -> %s", adapter_dir, base, merge_base, info["dtype"], out)
-    return info

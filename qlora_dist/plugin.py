@@ -35,7 +35,7 @@ from .callbacks import Callbacks, Event
 from .config import RunConfig, from_dict, load_config
 from .distributed import all_reduce_sum, gather_objects, make_accelerator, on_cpu, peak_memory_bytes
 from .errors import UserError
-from .merge import QUANT_META, dequantized_base_weights, logits_of, merge_trained
+from .merge import QUANT_META, NF4Rebuild, logits_of, merge_trained
 from .report import write_json
 from .strategies import Strategy, resolve_strategy
 
@@ -199,8 +199,9 @@ class QLoRAPlugin:
         """Save the adapter, gather per-rank facts, merge on rank 0, write ``run_report.json``.
 
         Everything that needs every rank (the QLoRA model's reference logits, checksums over the gathered base,
-        the gathered adapter and base weights under ZeRO-3) happens first; then the other ranks return, so they
-        never wait on a collective while rank 0 merges. Returns the report on the main process, else None.
+        the gathered adapter under ZeRO-3) happens first; then the other ranks return, so they never wait on a
+        collective while rank 0 merges. Rank 0 merges by streaming the base's safetensors shards, re-quantizing
+        each weight as training did, so no base weight is gathered. Returns the report on rank 0, else None.
         """
         cfg, stats, strategy = self.config, stats or {}, self.strategy
         main = accelerator.is_main_process
@@ -222,7 +223,8 @@ class QLoRAPlugin:
         merge_dtype = self._merge_dtype(accelerator.device)
         dequantized = None
         if cfg.output.merge and cfg.output.merge_base == "dequantized":
-            dequantized = dequantized_base_weights(unwrapped, merge_dtype, strategy.gathered, keep=main)
+            # Rank 0 rebuilds the trained-against NF4 weights from the checkpoint files: nothing to gather.
+            dequantized = NF4Rebuild.of(self.quant, self.compute_dtype, accelerator.device, unwrapped)
         if not main:
             return None
 
@@ -274,6 +276,7 @@ class QLoRAPlugin:
                 reference,
                 cfg.model.trust_remote_code,
                 rank=accelerator.process_index,
+                check_device=accelerator.device,
             )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)

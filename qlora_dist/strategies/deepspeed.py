@@ -140,7 +140,7 @@ class DeepSpeedStrategy:
         # Tell the engine explicitly which backward ends the step: the last step of an epoch may have fewer
         # micro-batches than grad_accum, which DeepSpeed's own counter would get wrong.
         model.set_gradient_accumulation_boundary(sync)
-        return nullcontext()
+        return self.counter.phase("micro")
 
     def backward(self, accelerator, model, loss: torch.Tensor) -> None:
         model.backward(loss, scale_wrt_gas=False)
@@ -189,8 +189,9 @@ class DeepSpeedCommCounter:
     - ``grad_sync``: gradient reductions (all-reduce, reduce, reduce-scatter), input bytes.
     - ``param_gather``: all-gathers during forward/backward (ZeRO-3 fetching sharded weights).
     - ``optimizer_gather``: all-gathers inside the optimizer step (updated partitions sent back to all ranks).
-    Single-element reductions (gradient norms, overflow flags) are bookkeeping, not gradient traffic, and are
-    left out.
+    Only calls made inside a training micro-step or optimizer step count (the loop marks them); evaluation,
+    checkpoint saves and the final gathers do not. Single-element reductions (gradient norms, overflow flags)
+    are bookkeeping, not gradient traffic, and are left out.
     """
 
     REDUCE = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor")
@@ -226,14 +227,16 @@ class DeepSpeedCommCounter:
         is_reduce = name in self.REDUCE
 
         def counted(*args, **kwargs):
-            nbytes, numel = _payload(name, args, kwargs)
-            if is_reduce:
-                if numel > 1:
-                    self.bytes["grad_sync"] += nbytes
-            elif getattr(self._phase, "name", None) == "step":
-                self.bytes["optimizer_gather"] += nbytes
-            else:
-                self.bytes["param_gather"] += nbytes
+            phase = getattr(self._phase, "name", None)
+            if phase is not None:  # training traffic only: not eval, checkpoint saves or the final gathers
+                nbytes, numel = _payload(name, args, kwargs)
+                if is_reduce:
+                    if numel > 1:
+                        self.bytes["grad_sync"] += nbytes
+                elif phase == "step":
+                    self.bytes["optimizer_gather"] += nbytes
+                else:
+                    self.bytes["param_gather"] += nbytes
             return original(*args, **kwargs)
 
         return counted
