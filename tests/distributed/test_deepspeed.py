@@ -67,7 +67,10 @@ def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
 
     storage = report["quant_storage_dtype"]
     base = model_mod.load_quantized_model(
-        ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(storage_dtype=storage), torch.device("cpu"), torch.float32
+        ModelConfig(name_or_path=str(tiny_llama_dir)),
+        QuantConfig(storage_dtype=storage),
+        torch.device("cpu"),
+        torch.float32,
     )
     # Independent: a fresh NF4 load with the same storage dtype has the checksum the run reported.
     assert model_mod.base_checksum(base) == report["base_checksum_before"]
@@ -139,7 +142,9 @@ def _refused(tmp_path, launch_config, model_dir, data, cache_dir, overrides):
     cfg = write_run_config(tmp_path / "run.yaml", model_dir, data, tmp_path / "out")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / launch_config)]
     cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "qlora_dist", "train", str(cfg)]
-    proc = subprocess.run(cmd + overrides, capture_output=True, text=True, timeout=300, env=run_env(cache_dir), cwd=REPO)
+    proc = subprocess.run(
+        cmd + overrides, capture_output=True, text=True, timeout=300, env=run_env(cache_dir), cwd=REPO
+    )
     assert proc.returncode != 0
     # The workers print one short message each and no traceback (torchrun's own report of the failed
     # workers follows it; that one is the launcher's).
@@ -149,7 +154,9 @@ def _refused(tmp_path, launch_config, model_dir, data, cache_dir, overrides):
 
 
 def test_zero3_refuses_a_storage_dtype_it_cannot_partition(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
-    err = _refused(tmp_path, "deepspeed_zero3.yaml", tiny_llama_dir, small_alpaca, cache_dir, ["quant.storage_dtype=uint8"])
+    err = _refused(
+        tmp_path, "deepspeed_zero3.yaml", tiny_llama_dir, small_alpaca, cache_dir, ["quant.storage_dtype=uint8"]
+    )
     assert "qlora-dist: error: quant.storage_dtype=uint8 cannot be partitioned by ZeRO-3" in err
     assert "set quant.storage_dtype=auto" in err
 
