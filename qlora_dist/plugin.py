@@ -257,7 +257,7 @@ class QLoRAPlugin:
             "base_checksum_before": self.facts["base_checksum_before"],
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
             "lora_checksum_per_rank": [r["lora_checksum"] for r in per_rank],
-            "examples_per_rank": [len(r["indices"]) for r in per_rank],
+            "examples_per_rank": [len(r["indices"]) for r in per_rank] if any(r["indices"] for r in per_rank) else None,
             "data_shards": shard_facts([r["indices"] for r in per_rank], stats.get("num_examples")),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
             "base_bytes_per_rank": [r["base_bytes"] for r in per_rank],

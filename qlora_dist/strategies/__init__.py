@@ -74,7 +74,7 @@ STRATEGIES: Registry[Any] = Registry("strategies")
 """Strategy factories by name. Built-ins follow the launch; a plugin's factory is called as ``factory(config)``
 and returns an object with the :class:`Strategy` methods."""
 
-BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3")
+BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3", "deepspeed")
 
 
 def launched_with_deepspeed(env: Mapping[str, str] | None = None) -> bool:
@@ -92,7 +92,12 @@ def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) ->
     else:
         factory = STRATEGIES.get("deepspeed" if launched_with_deepspeed(env) else "ddp")
         strategy = factory.from_env(env)
-        if wanted != "auto" and wanted != strategy.name and not (wanted == "ddp" and strategy.name == "single"):
+        agrees = wanted in ("auto", strategy.name) or (wanted, strategy.name) in {
+            ("ddp", "single"),
+            ("deepspeed", "zero2"),
+            ("deepspeed", "zero3"),
+        }
+        if not agrees:
             raise ConfigError(
                 f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
                 f"{_LAUNCH_HINT.get(wanted, 'the matching launch config')} or set train.strategy=auto"
