@@ -140,6 +140,13 @@ class QLoRAPlugin:
         t = self.config.train
         name = self.strategy.optimizer_name(t.optimizer)
         self.facts["optimizer"] = name
+        if name != t.optimizer:
+            log.info(
+                "train.optimizer=%s cannot run under this launch (%s): using %s instead",
+                t.optimizer,
+                self.strategy.name,
+                name,
+            )
         if name == "adamw":
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         if name == "deepspeed_cpu_adam":

@@ -41,7 +41,6 @@ class DeepSpeedStrategy:
     offload_param: str = "none"
     zero3_init: bool = False
     counter: DeepSpeedCommCounter = field(default_factory=lambda: DeepSpeedCommCounter())
-    _said_optimizer: bool = field(default=False, repr=False)
 
     @classmethod
     def from_env(cls, env=None) -> DeepSpeedStrategy:
@@ -103,15 +102,8 @@ class DeepSpeedStrategy:
         return "uint8" if config.quant.storage_dtype == "auto" else config.quant.storage_dtype
 
     def optimizer_name(self, requested: str) -> str:
+        # ZeRO-Offload refuses client optimizers that are not DeepSpeed's CPU Adam (zero_force_ds_cpu_optimizer).
         if self.offload_optimizer not in ("none", "") and requested != CPU_ADAM:
-            if self._said_optimizer:
-                return CPU_ADAM
-            self._said_optimizer = True
-            log.info(
-                "train.optimizer=%s cannot run under ZeRO-Offload (DeepSpeed refuses client optimizers there); "
-                "using DeepSpeed's CPU AdamW instead",
-                requested,
-            )
             return CPU_ADAM
         return requested
 
