@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .fsutil import fsync_dir, fsync_file
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -106,7 +108,7 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(root, keep)
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -225,26 +227,13 @@ def _sha256(path: Path) -> str:
 def _write_manifest(folder: Path) -> None:
     files = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync_file(f)
+        fsync_file(f)
         files[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1))
-    _fsync_file(manifest)
+    fsync_file(manifest)
     for d in sorted({p.parent for p in folder.rglob("*")} | {folder}):
-        _fsync_dir(d)
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(d)
 
 
 def _rng_state() -> dict[str, Any]:

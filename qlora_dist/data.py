@@ -96,11 +96,8 @@ def load_rows(path: str, cache_dir: Path | None = None) -> datasets.Dataset:
     return rows
 
 
-def check_rows(rows: datasets.Dataset, fmt: str, path: str) -> str:
-    """Validate every row for format ``fmt`` without tokenizing; returns the resolved format name.
-
-    Raises :class:`DataError` naming the file and line (or row) of the first bad row.
-    """
+def _resolve_format(rows: datasets.Dataset, fmt: str, path: str | Path):
+    """(name, DataFormat) for ``data.format`` (``auto``: from the columns); the file must have its columns."""
     fmt = fmt if fmt != "auto" else detect_format(rows.column_names)
     data_fmt = FORMATS.get(fmt)
     missing = [c for c in data_fmt.columns if c not in rows.column_names]
@@ -109,6 +106,15 @@ def check_rows(rows: datasets.Dataset, fmt: str, path: str) -> str:
             f"{path}: data.format={fmt} needs the column(s) {', '.join(missing)}, but the file has "
             f"{', '.join(rows.column_names)}; rename them or set data.format=auto"
         )
+    return fmt, data_fmt
+
+
+def check_rows(rows: datasets.Dataset, fmt: str, path: str) -> str:
+    """Validate every row for format ``fmt`` without tokenizing; returns the resolved format name.
+
+    Raises :class:`DataError` naming the file and line (or row) of the first bad row.
+    """
+    fmt, data_fmt = _resolve_format(rows, fmt, path)
     for index, row in enumerate(rows):
         try:
             data_fmt.check_row(row)
@@ -522,14 +528,7 @@ def prepare_datasets(
 def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> None:
     path = Path(cfg.path)
     rows = load_rows(cfg.path)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows.column_names)
-    data_fmt = FORMATS.get(fmt)
-    missing = [c for c in data_fmt.columns if c not in rows.column_names]
-    if missing:
-        raise DataError(
-            f"{path}: data.format={fmt} needs the column(s) {', '.join(missing)}, but the file has "
-            f"{', '.join(rows.column_names)}; rename them or set data.format=auto"
-        )
+    fmt, data_fmt = _resolve_format(rows, cfg.format, path)
     if data_fmt.needs_chat_template:
         _require_chat_template(tokenizer)
 

@@ -32,7 +32,6 @@ import gc
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import struct
@@ -44,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .fsutil import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -604,24 +605,15 @@ def staged(out_dir: Path) -> Iterator[Path]:
         yield tmp
         for file in tmp.rglob("*"):  # the data is on disk before the rename makes it visible
             if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
+                fsync_file(file)
+        fsync_dir(tmp)
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_in_memory(model: nn.Module, tokenizer: Any, folder: Path) -> None:
