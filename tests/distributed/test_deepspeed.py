@@ -163,7 +163,9 @@ def test_zero3_refuses_a_storage_dtype_it_cannot_partition(tmp_path, tiny_llama_
     )
     # Whichever rank reports first (the launcher then stops the other): one line, from the preflight on local
     # rank 0 ("launch: ...") or from the strategy check every rank runs.
-    assert re.search(r"qlora-dist: error( \[rank 1\])?: (launch: )?quant.storage_dtype=uint8 cannot be partitioned", err)
+    assert re.search(
+        r"qlora-dist: error( \[rank 1\])?: (launch: )?quant.storage_dtype=uint8 cannot be partitioned", err
+    )
     assert "set quant.storage_dtype=auto" in err
 
 
