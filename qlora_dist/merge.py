@@ -37,7 +37,7 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,15 +149,12 @@ def quantized_layers(model: nn.Module) -> tuple[set[str], set[int]]:
     return names, blocksizes
 
 
-def dequantized_base_weights(
-    model: nn.Module, dtype: torch.dtype, gathered=None, keep: bool = True
-) -> dict[str, torch.Tensor]:
+def dequantized_base_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``{base weight name: dequantized weight on CPU}`` for every 4-bit layer of ``model`` (peft or plain).
 
     Names are those of the plain base checkpoint (peft's ``base_model.model.`` prefix and ``.base_layer``
-    removed), so they index a freshly loaded unquantized model directly. ``gathered(params)`` makes a
-    ZeRO-3-sharded weight whole; under ZeRO-3 every rank calls this (one layer gathered at a time) and only
-    the one with ``keep`` stores the result. (The in-memory merge; the streaming one needs none of this.)
+    removed), so they index a freshly loaded unquantized model directly. This is the in-memory merge's input
+    (whole weights on one process); the streaming merge rebuilds each weight from the checkpoint instead.
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -168,10 +165,7 @@ def dequantized_base_weights(
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             w = module.weight
-            with gathered([w]) if gathered is not None else nullcontext():
-                if keep:
-                    dense = F.dequantize_4bit(w.data, w.quant_state)
-                    out[base_param_name(name + ".weight")] = dense.to("cpu", dtype)
+            out[base_param_name(name + ".weight")] = F.dequantize_4bit(w.data, w.quant_state).to("cpu", dtype)
     return out
 
 
