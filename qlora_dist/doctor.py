@@ -16,8 +16,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import RunConfig, load_config
 from .errors import UserError
 
@@ -48,24 +46,9 @@ def launch_env(launch_config: str | None, num_processes: int | None) -> dict[str
         if num_processes:
             env["WORLD_SIZE"] = str(num_processes)
         return env
-    path = Path(launch_config)
-    if not path.is_file():
-        raise UserError(f"--launch-config {launch_config}: no such file (see launch_configs/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--launch-config {launch_config}: invalid YAML ({e})") from None
-    env = {"WORLD_SIZE": str(num_processes or data.get("num_processes", 1))}
-    if str(data.get("distributed_type", "")).upper() == "DEEPSPEED":
-        ds = data.get("deepspeed_config") or {}
-        env.update(
-            ACCELERATE_USE_DEEPSPEED="true",
-            ACCELERATE_DEEPSPEED_ZERO_STAGE=str(ds.get("zero_stage", 2)),
-            ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE=str(ds.get("offload_optimizer_device", "none")),
-            ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=str(ds.get("offload_param_device", "none")),
-            ACCELERATE_DEEPSPEED_ZERO3_INIT=str(ds.get("zero3_init_flag", False)).lower(),
-        )
-    return env
+    from .plan import read_launch_config
+
+    return read_launch_config(launch_config).to_env(num_processes)
 
 
 def run_checks(

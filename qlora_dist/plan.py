@@ -127,6 +127,19 @@ class LaunchPlan:
     def offloads_params(self) -> bool:
         return self.offload_param not in ("none", "")
 
+    def to_env(self, num_processes: int | None = None) -> dict[str, str]:
+        """The variables ``accelerate launch`` would give each worker for this launch (what strategies read)."""
+        env = {"WORLD_SIZE": str(num_processes or self.num_processes)}
+        if self.zero_stage:
+            env.update(
+                ACCELERATE_USE_DEEPSPEED="true",
+                ACCELERATE_DEEPSPEED_ZERO_STAGE=str(self.zero_stage),
+                ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE=self.offload_optimizer,
+                ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=self.offload_param,
+                ACCELERATE_DEEPSPEED_ZERO3_INIT=str(self.zero3_init).lower(),
+            )
+        return env
+
 
 def read_launch_config(path: str | Path) -> LaunchPlan:
     """Parse an accelerate launch config (YAML): the strategy, process count and DeepSpeed settings.

@@ -177,7 +177,7 @@ def test_disk_rule(base, monkeypatch):
 
 
 def test_bad_launch_config_file(base, tmp_path):
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UserError, match="launch config not found"):
         doctor.launch_env(str(tmp_path / "nope.yaml"), None)
 
 
