@@ -35,7 +35,8 @@ def make_accelerator(cpu: bool | None = None, timeout_minutes: int = 60, **kwarg
       strategy passes False, because accelerate drops DeepSpeed when told ``cpu=True``.
     - Under a launcher the backend is named: gloo without CUDA (else DeepSpeed on CPU sees a world of 1),
       NCCL with it.
-    - DDP with ``find_unused_parameters=False``: only LoRA weights require grad, and every one is used.
+    - DDP with ``find_unused_parameters=False`` (only LoRA weights require grad, and every one is used) and
+      ``gradient_as_bucket_view`` (no second copy of the gradients next to the buckets).
     The timeout covers rank 0's merge at the end, during which the other ranks have already left.
     """
     from accelerate import Accelerator
@@ -43,7 +44,8 @@ def make_accelerator(cpu: bool | None = None, timeout_minutes: int = 60, **kwarg
 
     no_cuda = on_cpu()
     cpu = no_cuda if cpu is None else cpu
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    # gradient_as_bucket_view: the LoRA gradients live in DDP's buckets instead of in a second copy.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True)]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Only under a launcher: naming a backend makes accelerate initialise a process group.
         backend = "gloo" if no_cuda else "nccl"

@@ -30,7 +30,7 @@ Exact and estimated parts
 - ``activations``: :func:`activation_bytes`, a per-layer count of what autograd keeps for backward in a
   Llama-style decoder with peft LoRA, plus the loss over the logits, taking the largest of three moments
   (end of forward, start of backward over the logits, backward through one decoder layer).
-- ``comm_buffers``: DDP's gradient buckets (a second copy of the LoRA gradients when more than one process)
+- ``comm_buffers``: 0 under DDP (qlora_dist sets ``gradient_as_bucket_view``: the gradients are the buckets)
   or DeepSpeed's reduce bucket (``reduce_bucket_size`` elements, fp32; 5e8 by default: 1.86 GiB).
 - ``zero3_gathered``: under ZeRO-3, the largest module's weights gathered whole plus a prefetch bucket.
 - ``overhead``: the CUDA context, cuBLAS workspaces and allocator slack: 1 GiB on a GPU (not seen by
@@ -771,8 +771,8 @@ def _training_state_bytes(
     if not launch.zero_stage:
         out["gradients"] = 4 * sum(numels)
         opt = optimizer_bytes(name, numels, step_on_device=device == "cpu")
-        # DDP's reducer keeps its own buckets, a second copy of the gradients (gradient_as_bucket_view is off).
-        out["comm_buffers"] = out["gradients"] if place.world > 1 else 0
+        # qlora_dist's DDP uses gradient_as_bucket_view: the gradients live in the reducer's buckets, no copy.
+        out["comm_buffers"] = 0
     else:
         # DeepSpeed hands the optimizer one flat fp32 partition of all adapter weights per rank.
         partition = -(-sum(numels) // place.world)
