@@ -67,7 +67,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     metrics = MetricsLog(plugin.output_dir / "metrics.jsonl", accelerator.is_main_process, resume_step=state.step)
     log.info(
         "training %d steps on %d process(es): %d examples, %d steps/epoch, global batch %d%s",
-        state.total_steps, world, len(train_data), steps_per_epoch, t.micro_batch_size * t.grad_accum * world,
+        state.total_steps, world, len(train_data), steps_per_epoch, global_batch,
         f", from step {state.step}" if state.step else "",
     )  # fmt: skip
     progress = tqdm(total=state.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
