@@ -110,6 +110,13 @@ def gather_objects(obj: Any) -> list[Any]:
     return [obj]
 
 
+def leave_process_group(accelerator) -> None:
+    """Barrier, then destroy the default process group on every rank (a no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """GPU max allocated on CUDA; this process's peak resident set size on CPU."""
     if device.type == "cuda":

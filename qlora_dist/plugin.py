@@ -33,7 +33,14 @@ from . import data as data_mod
 from . import model as model_mod
 from .callbacks import Callbacks, Event
 from .config import RunConfig, from_dict, load_config
-from .distributed import all_reduce_sum, gather_objects, make_accelerator, on_cpu, peak_memory_bytes
+from .distributed import (
+    all_reduce_sum,
+    gather_objects,
+    leave_process_group,
+    make_accelerator,
+    on_cpu,
+    peak_memory_bytes,
+)
 from .errors import UserError
 from .merge import QUANT_META, NF4Rebuild, logits_of, merge_trained
 from .report import write_json
@@ -232,6 +239,10 @@ class QLoRAPlugin:
         if cfg.output.merge and cfg.output.merge_base == "dequantized":
             # Rank 0 rebuilds the trained-against NF4 weights from the checkpoint files: nothing to gather.
             dequantized = NF4Rebuild.of(self.quant, self.compute_dtype, accelerator.device, unwrapped)
+        # Every rank leaves the process group together, before rank 0 merges: no collective can then wait (or
+        # time out) during the merge, and no rank exits while its peers still hold connections to it (gloo
+        # aborted at exit in that state, intermittently).
+        leave_process_group(accelerator)
         if not main:
             return None
 
