@@ -104,12 +104,14 @@ def load_quantized_model(
     device: torch.device,
     compute_dtype: torch.dtype,
     device_map: dict | None | bool = True,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load the base in 4-bit on ``device`` and freeze every parameter.
 
     ``device_map=True`` means ``{"": device}``: the whole replica on this process's own device. Never
     ``"auto"``: with more than one process that would spread every replica over all GPUs. ``None`` leaves
-    placement to DeepSpeed ZeRO-3, which partitions the weights while they load.
+    placement to DeepSpeed ZeRO-3, which partitions the weights while they load. ``attn_implementation``
+    None is transformers' default (sdpa); runs that pack pass :data:`qlora_dist.attention.PACKED_ATTENTION`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -117,6 +119,8 @@ def load_quantized_model(
     if quant.storage_dtype == "auto":
         quant = dataclasses.replace(quant, storage_dtype="uint8")
     kwargs = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if device_map is True:
         kwargs["device_map"] = {"": device}
     elif device_map:

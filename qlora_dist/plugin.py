@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import attention, checkpoint
 from . import data as data_mod
 from . import model as model_mod
 from .callbacks import Callbacks, Event
@@ -113,6 +113,8 @@ class QLoRAPlugin:
             accelerator.device,
             self.compute_dtype,
             device_map=self.strategy.device_map(accelerator.device),
+            # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
+            attn_implementation=attention.register() if cfg.data.packing else None,
         )
         self.facts["base_checksum_before"] = model_mod.base_checksum(base, self.strategy.gathered)
         if cfg.train.gradient_checkpointing:
@@ -230,6 +232,8 @@ class QLoRAPlugin:
                 "lora_checksum": model_mod.lora_checksum(unwrapped, strategy.gathered),
                 "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 "base_bytes": model_mod.local_base_bytes(unwrapped),
+                # Before anything below gathers: only the training loop's collectives are timed.
+                "comm_seconds": getattr(strategy, "comm_seconds", lambda: None)(),
                 "indices": stats.get("indices_first_epoch", []),
             }
         )
@@ -272,6 +276,9 @@ class QLoRAPlugin:
             "grad_sync_bytes_per_step": comm["grad_sync"] // steps if steps else None,
             "param_gather_bytes_per_step": comm["param_gather"] // steps if steps else None,
             "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // steps if steps else None,
+            "comm_seconds_per_step": [
+                None if r["comm_seconds"] is None or not steps else r["comm_seconds"] / steps for r in per_rank
+            ],
             "base_checksum_before": self.facts["base_checksum_before"],
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
             "lora_checksum_per_rank": [r["lora_checksum"] for r in per_rank],
