@@ -58,7 +58,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Bump when the tokenization/packing output changes, so caches written by older code are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 class _RowError(DataError):
@@ -446,30 +446,63 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 
 def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Greedily concatenate examples, in order, into sequences of at most ``max_length`` tokens.
+    """Concatenate examples into sequences of at most ``max_length`` tokens, as few and as full as possible.
+
+    Examples are placed longest first, each into the first sequence with room for it (first-fit decreasing):
+    packing in file order leaves every sequence as short as the example that did not fit, and that gap is
+    padding the model computes on. Rows come out in the order they were opened; the run shuffles them per epoch.
 
     Each packed row has ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 for each example.
-    Restarting positions is what keeps examples apart: transformers' sdpa/eager/flex mask builder treats a
-    position that does not follow its predecessor as the start of a new sequence and blocks attention across
-    it (see :func:`collate`). Labels need no extra work because every example's first label is ``-100``.
+    Restarting positions is what keeps examples apart: transformers' mask builder and the packed attention
+    (:mod:`qlora_dist.attention`) treat a position that does not follow its predecessor as the start of a new
+    sequence and block attention across it (see :func:`collate`). Labels need no extra work because every
+    example's first label is ``-100``.
     """
-    packed: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for ex in examples:
-        n = len(ex["input_ids"])
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    for n in lengths:
         if n > max_length:
             raise ValueError(f"example of {n} tokens is longer than max_length={max_length}; truncate first")
-        if ids and len(ids) + n > max_length:
-            packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-            ids, labels, positions = [], [], []
-        ids.extend(ex["input_ids"])
-        labels.extend(ex["labels"])
-        positions.extend(range(n))
-    if ids:
+    packed = []
+    for members in first_fit_decreasing(lengths, max_length):
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            ids.extend(examples[i]["input_ids"])
+            labels.extend(examples[i]["labels"])
+            positions.extend(range(lengths[i]))
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each summing to at most ``capacity``: items longest first (ties by index), each into
+    the first bin with room. O(n log n): a tree over the bins holds each subtree's largest free space, so the
+    first bin that fits is found by walking down from the root."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    leaves = 1
+    while leaves < len(sizes):
+        leaves *= 2
+    free = [0] * (2 * leaves)  # free[1] is the root; the leaves free[leaves + b] are the bins, opened in order
+    bins: list[list[int]] = []
+    for i in order:
+        size = sizes[i]
+        if bins and free[1] >= size:
+            node = 1
+            while node < leaves:  # go left whenever the left subtree has a bin that fits
+                node = 2 * node if free[2 * node] >= size else 2 * node + 1
+            b = node - leaves
+        else:
+            b, node = len(bins), leaves + len(bins)
+            bins.append([])
+            free[node] = capacity
+        bins[b].append(i)
+        free[node] -= size
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -457,14 +457,43 @@ def test_collate_packed_has_positions_and_no_attention_mask():
         collate([rows[0], {"input_ids": [1], "labels": [-100]}], pad_id=0)
 
 
-def test_pack_examples_keeps_order_and_boundaries():
-    examples = [{"input_ids": list(range(n)), "labels": [IGNORE_INDEX, *range(1, n)]} for n in (4, 3, 5, 2, 6)]
+def test_pack_examples_fills_rows_and_keeps_examples_whole():
+    examples = [
+        {"input_ids": [100 * k + j for j in range(n)], "labels": [IGNORE_INDEX, *range(1, n)]}
+        for k, n in enumerate((4, 3, 5, 2, 6))
+    ]
     packed = pack_examples(examples, max_length=8)
-    assert [len(p["input_ids"]) for p in packed] == [7, 7, 6]
-    assert [p["position_ids"] for p in packed] == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 4, 5]]
-    assert [i for p in packed for i in p["input_ids"]] == [i for e in examples for i in e["input_ids"]]
+    # Longest first, each into the first row with room: 6+2, 5+3, 4. In file order it would take 4 rows.
+    assert [len(p["input_ids"]) for p in packed] == [8, 8, 4]
+    assert [p["position_ids"] for p in packed] == [
+        [0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3]
+    ]  # fmt: skip
+    # Every example exactly once, whole and contiguous, found again from the position restarts.
+    found = []
+    for p in packed:
+        starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + [len(p["input_ids"])]
+        found += [p["input_ids"][a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert sorted(found) == sorted(e["input_ids"] for e in examples)
     for p in packed:  # no label at a boundary: nothing is predicted from the previous example
         assert all(label == IGNORE_INDEX for label, pos in zip(p["labels"], p["position_ids"], strict=True) if pos == 0)
+    with pytest.raises(ValueError, match="longer than max_length"):
+        pack_examples(examples, max_length=5)
+
+
+def test_first_fit_decreasing_is_valid_and_near_optimal():
+    import random
+
+    from qlora_dist.data import first_fit_decreasing
+
+    rng = random.Random(0)
+    for capacity, count in ((1024, 600), (4096, 5000), (10, 1)):
+        sizes = [rng.randint(1, capacity) for _ in range(count)]
+        bins = first_fit_decreasing(sizes, capacity)
+        assert sorted(i for b in bins for i in b) == list(range(count))  # every item once
+        assert all(sum(sizes[i] for i in b) <= capacity for b in bins)
+        lower_bound = -(-sum(sizes) // capacity)
+        assert len(bins) <= 11 / 9 * lower_bound + 1  # FFD's worst case against the optimum
+    assert first_fit_decreasing([], 8) == []
 
 
 def _per_example_loss(model, batch: dict) -> list[float]:
@@ -485,9 +514,17 @@ def _per_example_loss(model, batch: dict) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize(("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+@pytest.mark.parametrize(
+    ("arch", "attn"),
+    [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("llama", "packed"), ("qwen2", "packed")],
+)
 def test_packing_does_not_leak_between_examples(request, tiny_tokenizer, demo_data_dir, tmp_path, arch, attn):
     from transformers import AutoModelForCausalLM
+
+    from qlora_dist import attention
+
+    if attn == "packed":  # what runs with data.packing load their model with
+        attn = attention.register()
 
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32).eval()
@@ -495,13 +532,19 @@ def test_packing_does_not_leak_between_examples(request, tiny_tokenizer, demo_da
     packed, _ = prepare(DataConfig(path=path, max_length=160, packing=True), tiny_tokenizer, tmp_path)
     plain, _ = prepare(DataConfig(path=path, max_length=160), tiny_tokenizer, tmp_path)
 
-    rows = [packed[0], packed[1]]  # two rows of different lengths: padding is exercised too
-    n_examples = sum(p.count(0) for p in (r["position_ids"] for r in rows))
-    assert n_examples >= 6
-    assert sum(r["num_tokens"] for r in rows) == sum(plain[i]["num_tokens"] for i in range(n_examples))
+    rows = [packed[0], packed[len(packed) - 1]]  # a full row and the last, shortest one: padding is exercised
+    assert len(rows[0]["input_ids"]) > len(rows[1]["input_ids"])
+    # The unpacked example behind each packed span, in packed order.
+    by_ids = {tuple(p["input_ids"]): i for i, p in enumerate(plain)}
+    members = []
+    for r in rows:
+        starts = [i for i, pos in enumerate(r["position_ids"]) if pos == 0] + [len(r["input_ids"])]
+        members += [by_ids[tuple(r["input_ids"][a:b])] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert len(members) >= 4
+    assert sum(r["num_tokens"] for r in rows) == sum(plain[i]["num_tokens"] for i in members)
 
     packed_batch = collate(rows, tiny_tokenizer.pad_token_id)
-    plain_batch = collate([plain[i] for i in range(n_examples)], tiny_tokenizer.pad_token_id)
+    plain_batch = collate([plain[i] for i in members], tiny_tokenizer.pad_token_id)
     got, want = _per_example_loss(model, packed_batch), _per_example_loss(model, plain_batch)
     assert got == pytest.approx(want, abs=1e-4)
 
