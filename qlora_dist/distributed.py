@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import threading
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -65,8 +68,56 @@ def check_world_size(seen: int) -> None:
         )
 
 
+class CommClock:
+    """Wall-clock seconds during which at least one collective was in flight.
+
+    Each collective calls :meth:`start` when it is issued and :meth:`stop` when it has completed (from a
+    completion callback for asynchronous ones). Overlapping collectives count once: the clock runs while the
+    number in flight is above zero. The time may overlap computation (DDP all-reduces buckets while backward
+    goes on), so it is the time the network was busy, an upper bound on what it cost the step.
+
+    Only meaningful where the host sees completion: on CUDA, NCCL work completes on the device after the host
+    has moved on, so :attr:`measured` is False there and the report says None instead of a wrong number.
+    """
+
+    def __init__(self, measured: bool = True, now: Callable[[], float] = time.perf_counter) -> None:
+        self.measured = measured
+        self.now = now
+        self.seconds = 0.0
+        self._in_flight = 0
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = self.now()
+            self._in_flight += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.seconds += self.now() - self._since
+
+    def after(self, future: torch.futures.Future) -> torch.futures.Future:
+        """``future`` chained so that the clock stops when it completes; same value."""
+
+        def done(fut: torch.futures.Future):
+            try:
+                return fut.value()
+            finally:
+                self.stop()
+
+        return future.then(done)
+
+    def total(self) -> float | None:
+        """Seconds counted so far, or None where the host cannot see when collectives end (CUDA)."""
+        return self.seconds if self.measured else None
+
+
 class GradSyncCounter:
-    """A DDP communication hook that all-reduces each gradient bucket and counts its bytes.
+    """A DDP communication hook that all-reduces each gradient bucket and counts its bytes and time.
 
     DDP puts only parameters that require grad into buckets, so with a frozen base this counts exactly
     the LoRA gradients that cross the network. ``bytes_total`` grows on synchronising steps only; micro-steps
@@ -76,6 +127,7 @@ class GradSyncCounter:
     def __init__(self) -> None:
         self.bytes_total = 0
         self.attached = False
+        self.clock = CommClock()
 
     def attach(self, model: torch.nn.Module) -> bool:
         """Register on a DDP-wrapped model; returns False (and counts nothing) for an unwrapped one."""
@@ -83,6 +135,7 @@ class GradSyncCounter:
             return False
         model.register_comm_hook(state=None, hook=self._hook)
         self.attached = True
+        self.clock.measured = buffer_device(model).type == "cpu"
         return True
 
     def _hook(self, state, bucket):
@@ -90,7 +143,13 @@ class GradSyncCounter:
 
         buffer = bucket.buffer()
         self.bytes_total += buffer.numel() * buffer.element_size()
-        return default_hooks.allreduce_hook(state, bucket)
+        self.clock.start()
+        return self.clock.after(default_hooks.allreduce_hook(state, bucket))
+
+
+def buffer_device(model: torch.nn.Module) -> torch.device:
+    """Where the trainable parameters (so the gradient buckets) of ``model`` live."""
+    return next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

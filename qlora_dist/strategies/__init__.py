@@ -60,6 +60,9 @@ class Strategy(Protocol):
     def comm_bytes(self) -> dict[str, int]:
         """Bytes counted so far: ``grad_sync``, ``param_gather``, ``optimizer_gather``."""
 
+    def comm_seconds(self) -> float | None:
+        """Seconds with a training collective in flight so far (None where it cannot be measured)."""
+
     def save_optimizer(self, folder, model, optimizer, main: bool) -> None:
         """Write the optimizer state into a checkpoint folder (every rank calls this)."""
 

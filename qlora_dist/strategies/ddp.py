@@ -86,3 +86,7 @@ class DDPStrategy:
 
     def comm_bytes(self) -> dict[str, int]:
         return {"grad_sync": self.counter.bytes_total, "param_gather": 0, "optimizer_gather": 0}
+
+    def comm_seconds(self) -> float | None:
+        # A single process has nothing to synchronise: no time, rather than unknown.
+        return self.counter.clock.total() if self.counter.attached else 0.0

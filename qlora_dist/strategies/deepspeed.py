@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..distributed import CommClock, on_cpu
 from ..errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,9 @@ class DeepSpeedStrategy:
     def comm_bytes(self) -> dict[str, int]:
         return dict(self.counter.bytes)
 
+    def comm_seconds(self) -> float | None:
+        return self.counter.clock.total()
+
     def save_optimizer(self, folder: Path, model, optimizer, main: bool) -> None:
         # Optimizer state is sharded: every rank writes its own partition, in DeepSpeed's format. The frozen
         # base is left out (it is the checkpoint on disk already).
@@ -191,6 +195,7 @@ class DeepSpeedCommCounter:
 
     def __init__(self) -> None:
         self.bytes = {"grad_sync": 0, "param_gather": 0, "optimizer_gather": 0}
+        self.clock = CommClock(measured=on_cpu())
         self._phase = threading.local()
         self._installed = False
 
@@ -220,16 +225,28 @@ class DeepSpeedCommCounter:
 
         def counted(*args, **kwargs):
             phase = getattr(self._phase, "name", None)
-            if phase is not None:  # training traffic only: not eval, checkpoint saves or the final gathers
-                nbytes, numel = _payload(name, args, kwargs)
-                if is_reduce:
-                    if numel > 1:
-                        self.bytes["grad_sync"] += nbytes
-                elif phase == "step":
-                    self.bytes["optimizer_gather"] += nbytes
-                else:
-                    self.bytes["param_gather"] += nbytes
-            return original(*args, **kwargs)
+            if phase is None:  # training traffic only: not eval, checkpoint saves or the final gathers
+                return original(*args, **kwargs)
+            nbytes, numel = _payload(name, args, kwargs)
+            if is_reduce:
+                if numel > 1:
+                    self.bytes["grad_sync"] += nbytes
+            elif phase == "step":
+                self.bytes["optimizer_gather"] += nbytes
+            else:
+                self.bytes["param_gather"] += nbytes
+            self.clock.start()
+            try:
+                work = original(*args, **kwargs)
+            except BaseException:
+                self.clock.stop()
+                raise
+            # An async op returns a work handle: the clock stops when it completes, not when it was issued.
+            if hasattr(work, "get_future"):
+                self.clock.after(work.get_future())
+            else:
+                self.clock.stop()
+            return work
 
         return counted
 

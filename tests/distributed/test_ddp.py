@@ -51,6 +51,10 @@ def test_only_lora_gradients_are_synchronised(ddp_run):
     # Counted by the DDP communication hook, per optimizer step (accumulation micro-steps sync nothing).
     assert report["grad_sync_bytes_per_step"] == report["trainable_grad_bytes"]
     assert report["trainable_grad_bytes"] * 4 < report["full_grad_bytes"]
+    # Each rank timed its all-reduces: some time, and less than the whole step they happened in.
+    step_s = report["train_seconds"] / report["steps"]
+    assert len(report["comm_seconds_per_step"]) == 2
+    assert all(0 < c < step_s for c in report["comm_seconds_per_step"])
 
 
 def test_frozen_base_unchanged_and_identical_on_every_rank(ddp_run, tiny_llama_dir):
@@ -140,6 +144,7 @@ def test_single_process_launch_config(tmp_path, tiny_llama_dir, small_alpaca, ca
     report = read_report(out)
     assert report["world_size"] == 1 and report["distributed_type"] == "NO"
     assert report["grad_sync_bytes_per_step"] == 0 and report["steps"] == 3
+    assert report["comm_seconds_per_step"] == [0.0]
     assert report["merge"]["rel_logit_error"] <= 1e-4
 
 

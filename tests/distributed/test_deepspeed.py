@@ -51,6 +51,8 @@ def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
     assert report["optimizer"] == "paged_adamw_8bit"
     # DeepSpeed reduces exactly the LoRA gradients (fp32 here), once per micro-step (grad_accum=1).
     assert report["grad_sync_bytes_per_step"] == report["trainable_grad_bytes"]
+    step_s = report["train_seconds"] / report["steps"]
+    assert all(0 < c < step_s for c in report["comm_seconds_per_step"]) and len(report["comm_seconds_per_step"]) == 2
     # Frozen base: the same bytes before and after, on every rank (over the gathered base under ZeRO-3).
     assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
     assert len(set(report["lora_checksum_per_rank"])) == 1

@@ -79,3 +79,31 @@ def test_prequantized_checkpoints_are_refused(tmp_path, method):
     )
     with pytest.raises(ConfigError, match=f"pre-quantized with {method}.*unquantized"):
         check_model_path(load_config(base={**BASE, "model": {"name_or_path": str(tmp_path)}}).model)
+
+
+def test_comm_clock_counts_overlapping_collectives_once():
+    from qlora_dist.distributed import CommClock
+
+    ticks = iter([0.0, 1.0, 3.0, 10.0, 10.5])
+    clock = CommClock(now=lambda: next(ticks))
+    clock.start()  # t=0: first in flight
+    clock.start()  # overlaps: no new reading
+    clock.stop()  # one still in flight
+    clock.stop()  # t=1: idle again -> 1 s, not the 2 s a sum of the two would give
+    clock.start()  # t=3
+    clock.stop()  # t=10 -> 7 s more
+    assert clock.total() == 8.0
+    assert CommClock(measured=False).total() is None
+
+
+def test_comm_clock_stops_when_an_async_collective_completes():
+    from qlora_dist.distributed import CommClock
+
+    ticks = iter([2.0, 5.0])
+    clock = CommClock(now=lambda: next(ticks))
+    clock.start()
+    future = torch.futures.Future()
+    chained = clock.after(future)
+    assert clock.total() == 0.0  # issued, not done
+    future.set_result(torch.ones(3))
+    assert torch.equal(chained.wait(), torch.ones(3)) and clock.total() == 3.0
