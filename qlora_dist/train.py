@@ -180,10 +180,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy summed over the labelled tokens of ``batch`` (labels -100 are ignored)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100, reduction="sum"
-    )
+    # Shift the labels left rather than cutting the last position off the logits: a slice of the logits would be
+    # copied (batch x length x vocabulary) in forward and again in backward; the extra -100 costs nothing.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).to(logits.device)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
