@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -66,7 +65,9 @@ LABELS = {
     GROUPED: "(b+g) qlora_dist, group_by_length",
     "qlora_dist_packed": "(c) qlora_dist, packing",
 }
-METRICS = ("step_s", "tokens_per_s", "peak_rss")
+METRICS = ("step_s", "tokens_per_s", "peak_mem")
+COMM = ("sync_bytes", "full_bytes", "comm_s")
+"""Communication per optimizer step, absolute: bytes all-reduced, what a full fine-tune would all-reduce, seconds."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class Setup:
     intermediate_size: int = 2048
     heads: int = 12
     kv_heads: int = 4
+    vocab_size: int = 0
+    """0: the bench tokenizer's own (4096); a real model's vocabulary (128256 for Llama 3) sizes the logits."""
+    model_dtype: str = "float32"
+    """The random weights are initialised and saved in this dtype, on the GPU when there is one."""
     max_length: int = 1024
     """Longer than every bench example: nothing is truncated, and packed rows hold about 4 examples."""
     micro_batch_size: int = 4
@@ -136,6 +141,8 @@ QUICK = Setup(
 
 def prepare_assets(setup: Setup, work: Path, data: Path) -> dict[str, Path]:
     """The tokenizer + model folder (built once per shape, reused) and the data file the runs train on."""
+    import torch
+
     from .tiny import build_tiny_model, train_tokenizer
 
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -145,6 +152,7 @@ def prepare_assets(setup: Setup, work: Path, data: Path) -> dict[str, Path]:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     shape = f"h{setup.hidden_size}-l{setup.layers}-i{setup.intermediate_size}-a{setup.heads}-kv{setup.kv_heads}"
+    shape += f"-v{setup.vocab_size}-{setup.model_dtype}" if setup.vocab_size or setup.model_dtype != "float32" else ""
     model_dir = work / f"model-{shape}-{len(rows)}rows"
     if not (model_dir / "config.json").is_file():
         tmp = model_dir.with_name(model_dir.name + ".tmp")
@@ -160,8 +168,13 @@ def prepare_assets(setup: Setup, work: Path, data: Path) -> dict[str, Path]:
             intermediate_size=setup.intermediate_size,
             num_attention_heads=setup.heads,
             num_key_value_heads=setup.kv_heads,
+            dtype=getattr(torch, setup.model_dtype),
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            **({"vocab_size": setup.vocab_size} if setup.vocab_size else {}),
         )
         os.replace(tmp, model_dir)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the runs are other processes: leave them the memory
     return {"model": model_dir, "data": data_file}
 
 
@@ -273,7 +286,12 @@ def run_reference(
             f"the reference trained other batches than qlora_dist: non-pad/padded tokens per step {real}/{padded}, "
             f"expected {plan['real']}/{plan['padded']}"
         )
-    return _measure(setup, ranks[0]["step_end_s"], real, padded, [r["peak_rss"] for r in ranks])
+    comm = {
+        "sync_bytes": ranks[0]["sync_bytes"] / setup.steps,
+        "full_bytes": ranks[0]["full_grad_bytes"],
+        "comm_s": _max_or_none([r["comm_seconds"] for r in ranks], setup.steps),
+    }
+    return _measure(setup, ranks[0]["step_end_s"], real, padded, [r["peak_mem"] for r in ranks], comm)
 
 
 def run_qlora(setup: Setup, cfg_path: Path, env: dict[str, str], plan: dict) -> dict:
@@ -287,7 +305,12 @@ def run_qlora(setup: Setup, cfg_path: Path, env: dict[str, str], plan: dict) -> 
         raise RuntimeError(f"replayed {sum(plan['real'])} non-pad tokens but the run reports {report['tokens']}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [r["elapsed_s"] for r in rows if "loss" in r]
-    return _measure(setup, times, plan["real"], plan["padded"], report["peak_memory_bytes"])
+    comm = {
+        "sync_bytes": report["grad_sync_bytes_per_step"],
+        "full_bytes": report["full_grad_bytes"],
+        "comm_s": _max_or_none(report["comm_seconds_per_step"], 1),
+    }
+    return _measure(setup, times, plan["real"], plan["padded"], report["peak_memory_bytes"], comm)
 
 
 def replay(cfg_path: Path, setup: Setup, cache_dir: Path) -> dict[str, list[int]]:
@@ -332,8 +355,16 @@ def _check_world(ranks: list[dict], expected: int, name: str) -> None:
         raise RuntimeError(f"{name}: launched {expected} processes but they saw {sorted(seen)}")
 
 
-def _measure(setup: Setup, step_end_s: list[float], real: list[int], padded: list[int], rss: list[int]) -> dict:
-    """Timing from the end of step 1 to the end of the last step; tokens of the steps in between."""
+def _max_or_none(values: list[float | None], steps: int) -> float | None:
+    """The slowest rank's value per step; None when a rank could not measure it (CUDA)."""
+    return None if not values or any(v is None for v in values) else max(values) / steps
+
+
+def _measure(
+    setup: Setup, step_end_s: list[float], real: list[int], padded: list[int], peak: list[int], comm: dict
+) -> dict:
+    """Timing from the end of step 1 to the end of the last step; tokens of the steps in between; ``comm`` (see
+    :data:`COMM`) as measured over the whole run."""
     if len(step_end_s) != setup.steps:
         raise RuntimeError(f"expected {setup.steps} step times, got {len(step_end_s)}")
     timed = setup.steps - 1
@@ -342,9 +373,10 @@ def _measure(setup: Setup, step_end_s: list[float], real: list[int], padded: lis
     return {
         "step_s": seconds / timed,
         "tokens_per_s": tokens / seconds,
-        "peak_rss": max(rss),
+        "peak_mem": max(peak),
         "pad_fraction": 1 - tokens / pads if pads else 0.0,
         "tokens_per_step": tokens / timed,
+        **comm,
     }
 
 
@@ -369,6 +401,8 @@ def reference_worker(cfg_path: Path) -> None:
     )
 
     from .data import tokenize_example
+    from .distributed import GradSyncCounter, peak_memory_bytes
+    from .model import count_params
 
     cfg = json.loads(cfg_path.read_text())
     out = Path(cfg["out"])
@@ -427,11 +461,17 @@ def reference_worker(cfg_path: Path) -> None:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    trainable, total = count_params(model)
 
     meter = _StepMeter(cfg["steps"])
     model.register_forward_pre_hook(meter.count_batch, with_kwargs=True)  # measures only; changes nothing
 
+    sync = GradSyncCounter()  # the hook qlora_dist's DDP uses: same all-reduce, counted and timed alike
+
     class StepTimes(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync.attach(trainer.model_wrapped)  # DDP exists from here on, before the first backward
+
         def on_step_end(self, args, state, control, **kwargs):
             meter.step_ended()
 
@@ -451,7 +491,11 @@ def reference_worker(cfg_path: Path) -> None:
         "step_end_s": meter.step_end_s,
         "real_tokens": meter.real,
         "padded_tokens": meter.padded,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_mem": peak_memory_bytes(device),
+        "sync_bytes": sync.bytes_total,
+        "comm_seconds": sync.clock.total() if sync.attached else 0.0,
+        # What a full fine-tune of the base would all-reduce: a gradient for every base weight (fp32).
+        "full_grad_bytes": (total - trainable) * 4,
     }
     (out / f"rank{args.process_index}.json").write_text(json.dumps(result))
 
@@ -508,7 +552,7 @@ def run_bench(setup: Setup, work: Path, data: Path = DEFAULT_DATA, log=print) ->
             r = results[recipe]
             log(
                 f"bench: repeat {repeat + 1}/{setup.repeats} {LABELS[recipe]:<34} {r['step_s']:7.2f} s/step "
-                f"{r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss'] / 2**30:.2f} GiB  pad {r['pad_fraction']:.0%}"
+                f"{r['tokens_per_s']:8.1f} tok/s  peak {r['peak_mem'] / 2**30:.2f} GiB  pad {r['pad_fraction']:.0%}"
                 f"  ({time.perf_counter() - t0:.0f} s with launch)"
             )
         raw.append(results)
@@ -533,6 +577,11 @@ def summarize(raw: list[dict[str, dict]]) -> dict[str, dict]:
                 "ratio_max": max(ratios),
                 "median": statistics.median(r[recipe][metric] for r in raw),
             }
+        for key in COMM:
+            values = [r[recipe][key] for r in raw]
+            row[key] = None if None in values else statistics.median(values)
+        shares = [r[recipe]["comm_s"] / r[recipe]["step_s"] for r in raw if r[recipe]["comm_s"] is not None]
+        row["comm_share"] = statistics.median(shares) if len(shares) == len(raw) else None
         row["pad_fraction"] = statistics.median(r[recipe]["pad_fraction"] for r in raw)
         row["tokens_per_step"] = statistics.median(r[recipe]["tokens_per_step"] for r in raw)
         summary[recipe] = row
@@ -552,8 +601,9 @@ def _cell(m: dict, absolute: str) -> str:
 
 
 def format_table(summary: dict[str, dict], markdown: bool = False) -> str:
-    """One row per recipe: time/step, non-pad tokens/s, peak RSS per rank as ratios to (a), and the pad share."""
-    header = ["recipe", "time / step", "non-pad tokens/s", "peak RSS / rank", "pad share"]
+    """One row per recipe: time/step, non-pad tokens/s, peak memory per rank as ratios to (a), and the pad share;
+    then the communication per optimizer step (absolute medians)."""
+    header = ["recipe", "time / step", "non-pad tokens/s", "peak memory / rank", "pad share"]
     rows = []
     for recipe in (r for r in LABELS if r in summary):
         s = summary[recipe]
@@ -562,10 +612,36 @@ def format_table(summary: dict[str, dict], markdown: bool = False) -> str:
                 LABELS[recipe],
                 _cell(s["step_s"], f"{s['step_s']['median']:.2f} s"),
                 _cell(s["tokens_per_s"], f"{s['tokens_per_s']['median']:.0f}/s"),
-                _cell(s["peak_rss"], f"{s['peak_rss']['median'] / 2**30:.2f} GiB"),
+                _cell(s["peak_mem"], f"{s['peak_mem']['median'] / 2**30:.2f} GiB"),
                 f"{s['pad_fraction']:.0%}",
             ]
         )
+    comm_header = ["recipe", "all-reduced / step", "full fine-tune would all-reduce", "communication / step"]
+    comm_rows = [[LABELS[recipe], *_comm_cells(summary[recipe])] for recipe in (r for r in LABELS if r in summary)]
+    return _render(header, rows, markdown) + "\n\n" + _render(comm_header, comm_rows, markdown)
+
+
+def _comm_cells(s: dict) -> list[str]:
+    """Bytes all-reduced per step (and as a fraction of a full fine-tune's), and the time collectives were in
+    flight per step (and its share of the step)."""
+    sync, full = s.get("sync_bytes"), s.get("full_bytes")
+    if sync is None or not full:
+        return ["n/a", "n/a", "n/a"]
+    comm = s.get("comm_s")
+    when = "not measured (CUDA)" if comm is None else f"{comm * 1000:.1f} ms ({s['comm_share']:.1%} of the step)"
+    if not sync:
+        return ["0 B (one process)", _bytes(full), when]
+    return [f"{_bytes(sync)} (1/{full / sync:.0f} of full)", _bytes(full), when]
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -667,7 +743,13 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         "`data.packing=true` (the same number of sequences per step, each holding several examples, so a step "
         "does about 3x the tokens and needs more memory for activations).",
         "- Non-pad tokens/s counts the real tokens of the examples each run trained, the same way for every "
-        "recipe; pad share is the padding's share of all tokens the model ran on.",
+        "recipe; pad share is the padding's share of all tokens the model ran on. Peak memory per rank is "
+        "the largest rank's peak resident set size on a CPU, `torch.cuda.max_memory_allocated` on a GPU.",
+        "- Communication (second table, absolute medians per optimizer step): the gradient bytes each rank "
+        "all-reduced, counted by the same DDP communication hook in (a) and in qlora_dist; what a full fine-tune "
+        "of the same model would all-reduce (fp32 gradients of every base weight); and the wall time during "
+        "which an all-reduce was in flight on the slowest rank (it overlaps the backward pass, so it is the time "
+        "the network was busy, not necessarily time the step waited).",
         "",
         format_table(summary, markdown=True),
         "",

@@ -38,6 +38,10 @@ def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
         assert summary["reference"][metric]["ratio_median"] == 1.0
         for recipe in bench.RECIPES:
             assert summary[recipe][metric]["median"] > 0
+    # One process: nothing all-reduced, no time in communication; a full fine-tune would all-reduce the base.
+    for recipe in bench.RECIPES:
+        assert summary[recipe]["sync_bytes"] == 0 and summary[recipe]["comm_s"] == 0.0
+        assert summary[recipe]["full_bytes"] == summary["reference"]["full_bytes"] > 0
     # Packing leaves less padding than batches padded to their longest example.
     assert summary["qlora_dist_packed"]["pad_fraction"] < summary["reference"]["pad_fraction"]
 
@@ -45,14 +49,15 @@ def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
 def _result() -> dict:
     raw = [
         {
-            "reference": {"step_s": 2.0, "tokens_per_s": 100.0, "peak_rss": 2**30, "pad_fraction": 0.3},
-            "qlora_dist": {"step_s": 1.8, "tokens_per_s": 111.0, "peak_rss": 2**30, "pad_fraction": 0.3},
-            "qlora_dist_packed": {"step_s": 5.0, "tokens_per_s": 160.0, "peak_rss": 2**31, "pad_fraction": 0.05},
+            "reference": {"step_s": 2.0, "tokens_per_s": 100.0, "peak_mem": 2**30, "pad_fraction": 0.3},
+            "qlora_dist": {"step_s": 1.8, "tokens_per_s": 111.0, "peak_mem": 2**30, "pad_fraction": 0.3},
+            "qlora_dist_packed": {"step_s": 5.0, "tokens_per_s": 160.0, "peak_mem": 2**31, "pad_fraction": 0.05},
         }
     ]
     for r in raw:
         for v in r.values():
             v["tokens_per_step"] = v["tokens_per_s"] * v["step_s"]
+            v.update(sync_bytes=256 * 1024, full_bytes=2 * 2**20, comm_s=0.05)
     return {"setup": vars(bench.QUICK).copy(), "raw": raw, "summary": bench.summarize(raw), "wall_s": 60.0}
 
 
@@ -62,7 +67,11 @@ def test_summary_ratios_and_targets():
     assert summary["qlora_dist_packed"]["tokens_per_s"]["ratio_median"] == 1.6
     assert bench.targets(summary) == {"b_not_slower": True, "c_tokens_1_5x": True}
     text = bench.format_table(summary, markdown=True)
-    assert text.count("\n") == 4 and "0.90 [0.90-0.90] (1.80 s)" in text
+    throughput, comm = text.split("\n\n")
+    assert throughput.count("\n") == 4 and "0.90 [0.90-0.90] (1.80 s)" in throughput
+    # Communication: LoRA bytes against a full fine-tune's, and time in flight as a share of the step.
+    assert comm.count("\n") == 4
+    assert "| (b) qlora_dist | 256.00 KiB (1/8 of full) | 2.00 MiB | 50.0 ms (2.8% of the step) |" in comm
 
 
 def test_markdown_section_replaces_only_its_own_section(tmp_path):
