@@ -73,8 +73,9 @@ class CommClock:
 
     Each collective calls :meth:`start` when it is issued and :meth:`stop` when it has completed (from a
     completion callback for asynchronous ones). Overlapping collectives count once: the clock runs while the
-    number in flight is above zero. The time may overlap computation (DDP all-reduces buckets while backward
-    goes on), so it is the time the network was busy, an upper bound on what it cost the step.
+    number in flight is above zero. A collective is in flight from the moment this rank enters it, so the time
+    includes waiting for slower ranks to get there (load imbalance), and it may overlap computation (DDP
+    all-reduces buckets while backward goes on).
 
     Only meaningful where the host sees completion: on CUDA, NCCL work completes on the device after the host
     has moved on, so :attr:`measured` is False there and the report says None instead of a wrong number.

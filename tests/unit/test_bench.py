@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from qlora_dist import bench
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +60,7 @@ def _result() -> dict:
         for v in r.values():
             v["tokens_per_step"] = v["tokens_per_s"] * v["step_s"]
             v.update(sync_bytes=256 * 1024, full_bytes=2 * 2**20, comm_s=0.05)
-    return {"setup": vars(bench.QUICK).copy(), "raw": raw, "summary": bench.summarize(raw), "wall_s": 60.0}
+    return {"setup": vars(bench.Setup()).copy(), "raw": raw, "summary": bench.summarize(raw), "wall_s": 60.0}
 
 
 def test_summary_ratios_and_targets():
@@ -85,3 +87,12 @@ def test_markdown_section_replaces_only_its_own_section(tmp_path):
     assert "OLD-CONTENT" not in text and text.count("## Training throughput") == 1
     assert text.endswith("## Merge\n\nmerge numbers\n"), "the other engineer's section is untouched"
     assert "ratios from one invocation" in text and "**met**" in text
+
+    # A run at another micro-batch size keeps a section of its own beside the default one.
+    other = {**_result(), "setup": {**vars(bench.Setup()), "micro_batch_size": 8}}
+    bench.write_section(path, bench.markdown_section(other, "python -m qlora_dist.bench --micro-batch-size 8"))
+    text = path.read_text()
+    assert text.count("## Training throughput\n") == 1 and text.count("## Training throughput, 8 rows per process") == 1
+    # The CPU note, once, in the default section.
+    note = 0 if torch.cuda.is_available() else 1
+    assert text.split("## Training throughput, 8 rows")[0].count("Reading these numbers") == note
