@@ -111,13 +111,17 @@ def run_demo(output: Path, num_processes: int | None, overrides: list[str]) -> i
     return 0
 
 
-def _comm_time(report: dict) -> str:
-    """ ", all-reduce in flight N ms per step (x% of a step)", or nothing where it was not measured."""
+def _comm_time(report: dict) -> list[str]:
+    """The summary line on time in the all-reduce, or none where it was not measured (CUDA)."""
     comm = [c for c in report.get("comm_seconds_per_step") or [] if c is not None]
     steps, seconds = report.get("steps"), report.get("train_seconds")
     if not comm or not steps or not seconds:
-        return ""
-    return f"; all-reduce in flight {max(comm) * 1000:.0f} ms per step ({max(comm) / (seconds / steps):.1%} of a step)"
+        return []
+    worst = max(comm)
+    return [
+        f"all-reduce         in flight {worst * 1000:.0f} ms per step, {worst / (seconds / steps):.0%} of a step "
+        "(waiting for the slower rank included)"
+    ]
 
 
 def print_summary(output: Path, model_dir: Path) -> None:
@@ -132,7 +136,8 @@ def print_summary(output: Path, model_dir: Path) -> None:
         f"processes          {report['world_size']} x {report['device']} ({report['distributed_type']})",
         f"loss               {report['initial_loss']:.3f} -> {report['final_loss']:.3f} (eval {report['eval_loss']:.3f})",
         f"synced per step    {_mb(sync)} of LoRA gradients; a full fine-tune would sync {_mb(full)} "
-        f"({full / max(sync, 1):.0f}x more){_comm_time(report)}",
+        f"({full / max(sync, 1):.0f}x more)",
+        *_comm_time(report),
         f"base unchanged     {all(c == report['base_checksum_before'] for c in report['base_checksum_after'])}"
         f" on every rank; LoRA identical on every rank: {len(set(report['lora_checksum_per_rank'])) == 1}",
     ]

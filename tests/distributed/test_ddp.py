@@ -148,13 +148,18 @@ def test_single_process_launch_config(tmp_path, tiny_llama_dir, small_alpaca, ca
     assert report["merge"]["rel_logit_error"] <= 1e-4
 
 
-def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, small_alpaca, cache_dir, packing):
     """2 ranks x micro-batch b and 1 rank x 2b see the same examples per step and reach the same LoRA weights.
 
     Tolerance: fp32 on CPU, the only difference is the order of floating-point sums (DDP's all-reduce of two
     partial gradients vs one sum over the whole batch), which moves weights by ~1e-7 relative per step.
+    Packed: rows of up to 128 tokens holding several examples, through the per-example attention.
     """
     common = {"max_steps": 4, "optimizer": "adamw", "grad_accum": 2, "max_grad_norm": 1.0}
+    data = {"packing": True, "max_length": 128} if packing else {}
+    if packing:  # the packed rows end in a part-step (1 rank trains it, 2 drop it): stay before it
+        common["max_steps"] = 3
     out1, out2 = tmp_path / "one", tmp_path / "two"
     cfg1 = write_run_config(
         tmp_path / "one.yaml",
@@ -162,6 +167,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
         small_alpaca,
         out1,
         train={**common, "micro_batch_size": 4},
+        data=data,
         output={"merge": False},
     )
     cfg2 = write_run_config(
@@ -170,12 +176,15 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
         small_alpaca,
         out2,
         train={**common, "micro_batch_size": 2},
+        data=data,
         output={"merge": False},
     )
     launch(["-m", "qlora_dist", "train", str(cfg1)], cache_dir, launch_config="single_gpu.yaml", num_processes=1)
     launch(["-m", "qlora_dist", "train", str(cfg2)], cache_dir)
     r1, r2 = read_report(out1), read_report(out2)
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    if packing:  # several examples per row, so the per-example attention path really ran
+        assert r1["num_examples"] == r2["num_examples"] < 64 // 2
     assert r1["initial_loss"] == pytest.approx(r2["initial_loss"], rel=1e-6)
     a1 = load_file(out1 / "adapter" / "adapter_model.safetensors")
     a2 = load_file(out2 / "adapter" / "adapter_model.safetensors")
