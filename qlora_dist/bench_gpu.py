@@ -54,7 +54,8 @@ LLAMA3_8B = Setup(
     grouped_row=False,
     timeout_s=420,
 )
-"""About 8.0e9 parameters; 6 steps of 4 rows per recipe keep the whole check near 5 minutes on an H200."""
+"""About 8.0e9 parameters. 6 steps of 4 rows per recipe should keep the whole check near 5 minutes on an H200:
+an estimate (three loads of 16 GB of weights dominate), not yet a measurement."""
 
 TINY = replace(QUICK, model_dtype="float32")
 
