@@ -30,8 +30,9 @@ The model is a Llama built from a config (random weights; throughput does not de
 token counts agree. Both do the same work, so their times compare the frameworks, not the luck of the draw.
 
 Absolute times on a shared machine drift, so everything is reported as a ratio to (a) within the same repeat
-(the recipes run interleaved, a b c, then c b a, ...), with the median and the range over the repeats. The
-repeats use different seeds, so the batches (and their padding) differ between repeats.
+(the recipes run interleaved, a b c, then c b a, ...; with an even number of repeats each recipe runs as often
+early as late in a repeat), with the median and the range over the repeats. The repeats use different seeds,
+so the batches (and their padding) differ between repeats.
 
 ``--quick`` is a smoke version (tiny model, one process, one repeat, no (b+g)) that a unit test runs end to end.
 On a CPU each process gets ``cores / processes`` torch threads: more threads than free cores make OpenMP spin.
@@ -93,7 +94,9 @@ class Setup:
     processes: int = 2
     steps: int = 4
     """Optimizer steps per run; the first is warm-up and not timed."""
-    repeats: int = 3
+    repeats: int = 4
+    """Even, so that the order (reversed every other repeat) puts every recipe as often early as late: on these
+    machines the earlier of two back-to-back runs measured a few percent faster, whichever recipe it was."""
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
