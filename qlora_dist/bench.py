@@ -686,9 +686,9 @@ CPU_PROFILE_NOTE = """\
 
 - Packing (and length grouping) can only save what (a) spends on padding: if a share `p` of (a)'s tokens are
   padding, a recipe that computes no padding and costs the same per real token reaches at most `1 / (1 - p)`
-  times (a)'s non-pad tokens/s. On this data `p` is about a third at 4 rows per process (bound about 1.3-1.55x
-  over the repeats) and about 40% at 8 rows (about 1.6-1.75x), so whether 1.5x is reachable depends on the
-  micro-batch size more than on the packer. The section at 8 rows per process below is the same benchmark
+  times (a)'s non-pad tokens/s. On this data `p` is 24-35% at 4 rows per process (bound 1.32-1.55x over the
+  repeats) and 39-44% at 8 rows (1.63-1.80x), so whether 1.5x is reachable depends on the micro-batch
+  size more than on the packer. The section at 8 rows per process below is the same benchmark
   with `--micro-batch-size 8`.
 - What made packing reach that bound here: attention per example (`qlora_dist/attention.py`; before it, the CPU
   SDPA kernel computed every query-key block of a 1024-token packed row and the block-diagonal mask only hid
@@ -696,13 +696,19 @@ CPU_PROFILE_NOTE = """\
   packing (2-3% padding left, against 9-10% when packing in file order).
 - The communication column is mostly waiting, not data moving: each rank's batch is padded to its own longest
   example, so in (a) and (b) one rank finishes its backward early and waits in the all-reduce for the other
-  (a quarter of the step at 8 rows). Length grouping and packing give both ranks similar work, and the wait
-  falls to about 4% of the step. The bytes are the LoRA gradients only, 1/30 of what a full fine-tune of this
+  (a quarter of the step or more). Length grouping and packing give both ranks similar work, and the wait
+  falls to 3-6% of the step. The bytes are the LoRA gradients only, 1/30 of what a full fine-tune of this
   (small) model would all-reduce; for an 8B model the ratio is about 1/190 at r=16.
 - (b) against (a): both run the same transformers/peft/bitsandbytes code for forward and backward, and (b)'s
   step is that and little else (profiled at 4 rows: optimizer step 22 ms, the loop's own work about 2 ms, of a
-  3 s step). Its median time per step measured between 0.96x and 1.04x of (a) in four invocations on
-  2026-11-30 at 4 rows, and 1.00x at 8 rows: equal within this machine's spread, not reliably faster.
+  3 s step). In one process, on one batch, both models with both loss functions in both orders took the same
+  forward + backward time within 3%. Over eight invocations on 2026-11-30 (2 to 4 repeats, 1 or 2 processes,
+  4 or 8 rows) the median ratio of (b) to (a) ranged from 0.96x to 1.05x: equal within this machine's noise,
+  which the median of a few repeats does not settle either way. With 3 repeats (a) ran before (b) in two of
+  them, and the earlier of two back-to-back runs often measured faster; the bench now defaults to 4 repeats,
+  so each recipe runs as often early as late.
+- A single repeat can land beyond the padding bound when the machine's speed changes between the runs of that
+  repeat (one did at 4 rows: 1.92x against a bound of 1.43x). Read the median and the range, not one repeat.
 - LoRA dropout (bernoulli masks) costs about 8% of every step, in every recipe.
 """
 
