@@ -232,6 +232,14 @@ def run_batch(script: Path, env: dict[str, str], log: Path, timeout: float = RUN
     return proc.returncode
 
 
+def wait_for_srun_stub(proc: subprocess.Popen, env: dict[str, str], log: Path, timeout: float = 30) -> None:
+    """Until the batch script has started the stand-in srun (it touches ``$STUB_LOG.started``)."""
+    deadline = time.monotonic() + timeout
+    while not Path(env["STUB_LOG"] + ".started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+        time.sleep(0.05)
+
+
 def stub_log(env: dict[str, str]) -> str:
     return tail(Path(env["STUB_LOG"]))
 
@@ -318,10 +326,7 @@ while :; do sleep 0.05; done
     log = tmp_path / "job.log"
     proc = start_batch(write_script(tmp_path, _valid_config(tmp_path)), env, log)
     try:
-        deadline = time.monotonic() + 30
-        while not Path(env["STUB_LOG"] + ".started").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-            time.sleep(0.05)
+        wait_for_srun_stub(proc, env, log)
         os.kill(proc.pid, signal.SIGUSR1)
         time.sleep(0.3)
         os.kill(proc.pid, signal.SIGUSR1)  # a second warning sends no second SIGTERM
@@ -369,10 +374,7 @@ while :; do sleep 0.05; done
     log = tmp_path / "job.log"
     proc = start_batch(write_script(tmp_path, _valid_config(tmp_path)), env, log)
     try:
-        deadline = time.monotonic() + 30
-        while not Path(env["STUB_LOG"] + ".started").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-            time.sleep(0.05)
+        wait_for_srun_stub(proc, env, log)
         # SLURM signals the batch shell and the step; here the test plays both.
         os.kill(proc.pid, signal.SIGTERM)
         time.sleep(0.2)
