@@ -143,6 +143,10 @@ def load_quantized_model(
     for p in model.parameters():
         p.requires_grad_(False)
     disable_cpu_repack(model)
+    # Fused MoE experts are no nn.Linear, so bitsandbytes left them unquantized: quantize them here, per expert.
+    from .quant import moe
+
+    moe.quantize_experts(model, quant, compute_dtype)
     return model
 
 
@@ -185,6 +189,15 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def lora_target_names(model: nn.Module) -> list[str]:
+    """The names ``lora.target_modules`` may use: the linear layers, plus ``experts`` and the fused expert
+    matrices where the model's experts are held in NF4 (:mod:`qlora_dist.quant.moe`)."""
+    from .quant import moe
+
+    extra = moe.TARGET_NAMES if moe.has_nf4_experts(model) else ()
+    return sorted({*linear_layer_names(model), *extra})
+
+
 def check_target_modules(available: list[str], cfg: LoraConfig) -> None:
     """Every name in ``lora.target_modules`` must be one of the model's linear layers (else ConfigError)."""
     if cfg.target_modules == "all-linear":
@@ -212,21 +225,28 @@ def attach_lora(model: nn.Module, cfg: LoraConfig):
     """Wrap ``model`` in a peft LoRA model. Only the adapter weights are trainable afterwards.
 
     Target names that match no linear layer are an error listing the names the model does have, because
-    peft would otherwise train a different set of layers than the user asked for, or none.
+    peft would otherwise train a different set of layers than the user asked for, or none. NF4 experts get
+    their own per-expert LoRA (:func:`qlora_dist.quant.moe.attach_expert_lora`); the router none.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    check_target_modules(linear_layer_names(model), cfg)
+    from .quant import moe
+
+    check_target_modules(lora_target_names(model), cfg)
+    experts = moe.has_nf4_experts(model)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=moe.peft_targets(cfg.target_modules, linear_layer_names(model)) if experts else cfg.target_modules,
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    with moe.without_peft_moe_remap() if experts else contextlib.nullcontext():
+        peft_model = get_peft_model(model, peft_cfg)
+    moe.attach_expert_lora(peft_model, cfg)
+    return peft_model
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 - :func:`train_tokenizer` trains a byte-level BPE tokenizer (the `tokenizers` library) with bos/eos/pad and a
   small chat template, and saves it with ``save_pretrained`` so ``AutoTokenizer`` loads it back.
-- :func:`build_tiny_model` builds a randomly initialised Llama or Qwen2 causal LM (``from_config``) whose
+- :func:`build_tiny_model` builds a randomly initialised Llama, Qwen2, Mixtral or Qwen3-MoE causal LM (``from_config``) whose
   vocabulary and special ids match that tokenizer, and saves it (safetensors) with the tokenizer beside it.
 - :func:`demo_texts` yields every string in ``examples/data/*.jsonl``, the corpus the demo tokenizer is
   trained on.
@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MixtralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -42,7 +50,24 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+_ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
+
+
+def _moe_settings(arch: str, hidden_size: int) -> dict[str, Any]:
+    """Mixture-of-experts shapes in a real model's proportions: Mixtral's 8 experts, top-2, ffn = 3.5 x hidden;
+    Qwen3-MoE's fine-grained experts (ffn = hidden here), top-2 of 8, every layer sparse."""
+    if arch == "mixtral":
+        return dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=7 * hidden_size // 2)
+    if arch == "qwen3_moe":
+        return dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            head_dim=hidden_size // 4,
+        )
+    return {}
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "examples" / "data"
 
@@ -145,7 +170,8 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """Build a randomly initialised causal LM, save it (safetensors) and ``tokenizer`` to ``out_dir``; return it.
 
-    ``arch`` is ``llama`` or ``qwen2`` (Qwen2 has biased q/k/v projections, which LoRA/merge code must handle).
+    ``arch`` is ``llama`` or ``qwen2`` (Qwen2 has biased q/k/v projections, which LoRA/merge code must handle),
+    or a mixture of experts, ``mixtral`` or ``qwen3_moe`` (fused 3-D expert weights, see ``quant/moe.py``).
     The model has 4 attention heads and 2 key/value heads (grouped-query attention, as in real checkpoints).
     ``overrides`` go to the config class, e.g. ``tie_word_embeddings=True`` or ``num_attention_heads=2``.
     The weights depend only on ``seed`` (the global torch RNG is left untouched). ``dtype`` and ``device`` are
@@ -169,6 +195,7 @@ def build_tiny_model(
     )
     if arch == "qwen2":
         settings["use_sliding_window"] = False
+    settings.update(_moe_settings(arch, hidden_size))
     settings.update(overrides)
     config = _ARCHS[arch](**settings)
     # fork_rng: seed the init without changing the caller's global RNG state.

@@ -1,0 +1,420 @@
+"""Mixture-of-experts in NF4: fused 3-D expert weights quantized per expert, and LoRA on every expert.
+
+transformers 5 holds the experts of Mixtral, Qwen3-MoE and their kin as two fused parameters per layer
+(``mlp.experts.gate_up_proj``: experts x 2*ffn x hidden, ``mlp.experts.down_proj``: experts x hidden x ffn),
+not as ``nn.Linear`` layers, so bitsandbytes' 4-bit loading leaves them in the compute dtype: 95% of a
+Mixtral's bytes. This module closes that gap at load time, the way a module swap can:
+
+- :func:`quantize_experts` replaces every such experts module by an :class:`NF4Experts`. Each expert's
+  matrix is quantized on its own with bitsandbytes' ``quantize_4bit`` (the run's quant type, double
+  quantization and storage dtype, block size 64 like ``Params4bit``). The packed data of all experts is one
+  frozen parameter per matrix (experts x packed elements: ZeRO-3 shards it like any other parameter) carrying
+  an :class:`ExpertsQuantState` in ``quant_state``. The forward is the stock eager experts loop, but it
+  multiplies with bitsandbytes' ``matmul_4bit`` and only for the experts the batch routes to: each weight is
+  dequantized inside the matmul (and again in backward), never kept.
+- :func:`attach_expert_lora` wraps them in :class:`LoraExperts`: per-expert LoRA factors (``A``: r x in,
+  ``B``: out x r) on ``gate_up_proj`` and ``down_proj``, with dropout on the expert's input exactly as peft's
+  ``lora.Linear`` applies it. peft's own ``target_parameters`` (``ParamWrapper``) cannot do that: it adds
+  ``B @ A`` to the weight, so it refuses dropout, and it needs an unquantized weight to add to.
+  ``LoraExperts`` is a peft tuner layer, so peft marks its weights trainable and saves and loads them with
+  the rest of the adapter (``...experts.lora_experts.gate_up_proj_A``); ZeRO-3 treats it as a leaf module
+  and gathers the packed experts and their LoRA together. The router (``mlp.gate``) is never adapted.
+- :func:`merge_expert_lora` folds those factors into the fused expert tensors of a merged model; saving it with
+  ``save_pretrained`` writes the checkpoint's own layout (transformers reverses its conversion mapping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EXPERT_MATRICES = ("gate_up_proj", "down_proj")
+"""The fused expert parameters this module quantizes and adapts (transformers' names)."""
+TARGET_NAMES = ("experts", *EXPERT_MATRICES)
+"""Names ``lora.target_modules`` may use for the experts: ``experts`` means both matrices."""
+BLOCKSIZE = 64
+"""bitsandbytes' ``Params4bit`` default block size, which the dense 4-bit layers of a run use too."""
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+\.experts)\.lora_experts\.(gate_up_proj|down_proj)_([AB])")
+"""A saved adapter's key for an expert LoRA factor (peft drops the adapter name when it saves)."""
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for a transformers experts module holding its experts as fused 3-D ``gate_up_proj``/``down_proj``."""
+    if isinstance(module, NF4Experts):
+        return False
+    for name in EXPERT_MATRICES:
+        p = module._parameters.get(name) if hasattr(module, "_parameters") else None
+        if p is None or len(getattr(p, "ds_shape", p.shape)) != 3:
+            return False
+    return True
+
+
+def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every fused experts module of ``model`` (a meta model works too)."""
+    return [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
+
+
+def has_nf4_experts(model: nn.Module) -> bool:
+    return any(isinstance(m, NF4Experts) for m in model.modules())
+
+
+def check_supported(name: str, module: nn.Module) -> None:
+    """Refuse expert layouts the NF4 forward does not implement (it would compute something else silently)."""
+    from ..errors import ConfigError
+
+    unsupported = {
+        "biases": getattr(module, "has_bias", False),
+        "transposed weights": getattr(module, "is_transposed", False),
+        "no gate": not getattr(module, "has_gate", True),
+        "interleaved gate/up": not getattr(module, "is_concatenated", True),
+        "a post-expert norm": getattr(module, "has_post_expert_norm", False),
+        "no act_fn": not hasattr(module, "act_fn"),
+    }
+    found = [k for k, v in unsupported.items() if v]
+    if found:
+        raise ConfigError(
+            f"{name} ({type(module).__name__}): experts with {', '.join(found)} cannot be held in NF4 by qlora_dist "
+            "yet; its NF4 experts support Mixtral/Qwen3-MoE-style experts (fused [gate; up], no bias)"
+        )
+
+
+# -- the quantized experts ----------------------------------------------------------------------------------
+
+
+def _quant_state_class():
+    import bitsandbytes.functional as F
+
+    return F.QuantState
+
+
+class ExpertsQuantState(_quant_state_class()):
+    """The bitsandbytes quantization states of every expert of one fused matrix, one ``QuantState`` each.
+
+    A ``QuantState`` (so code that asks "is this parameter 4-bit?" by its ``quant_state`` says yes), whose
+    ``shape`` is the fused matrix's (experts x out x in) and whose ``as_dict`` holds every expert's state under
+    ``<expert>.<key>`` (what the frozen-base checksum hashes). ``experts[e]`` is expert ``e``'s own state, the
+    one its packed row is dequantized with.
+    """
+
+    def __init__(self, experts: list) -> None:
+        first = experts[0]
+        super().__init__(
+            absmax=torch.cat([s.absmax.reshape(-1) for s in experts]),
+            shape=torch.Size((len(experts), *first.shape)),
+            code=first.code,
+            blocksize=first.blocksize,
+            quant_type=first.quant_type,
+            dtype=first.dtype,
+        )
+        self.experts = experts
+
+    def as_dict(self, packed: bool = False) -> dict:
+        return {f"{e}.{k}": v for e, s in enumerate(self.experts) for k, v in s.as_dict(packed=packed).items()}
+
+    def to(self, device) -> None:
+        for s in self.experts:
+            s.to(device)
+        self.absmax = self.absmax.to(device)
+        self.code = self.code.to(device)
+
+
+def quantize_stack(
+    weight: torch.Tensor, quant_type: str, double_quant: bool, storage: torch.dtype, compute: torch.dtype
+) -> tuple[torch.Tensor, ExpertsQuantState]:
+    """``weight`` (experts x out x in) quantized one expert at a time: (packed, experts x elements; its state).
+
+    Each expert goes through ``quantize_4bit`` exactly as a ``Linear4bit`` weight of that shape would (cast to
+    the compute dtype first, as transformers loads it), so its blocks and double-quantization statistics are
+    its own: an expert's dequantized weight does not depend on the other experts.
+    """
+    import bitsandbytes.functional as F
+
+    packs, states = [], []
+    for e in range(weight.shape[0]):
+        w = weight[e].to(dtype=compute).contiguous()
+        packed, state = F.quantize_4bit(
+            w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage
+        )
+        packs.append(packed.reshape(-1))
+        states.append(state)
+        del w
+    return torch.stack(packs), ExpertsQuantState(states)
+
+
+class NF4Experts(nn.Module):
+    """A layer's experts held in 4 bits: the drop-in for transformers' ``MixtralExperts`` & co.
+
+    ``forward(hidden_states, top_k_index, top_k_weights)`` as theirs. ``lora`` (given by :class:`LoraExperts`)
+    is called as ``lora(matrix, expert, x)`` and returns the low-rank update added to that matrix's output.
+    """
+
+    def __init__(self, source: nn.Module, quant_type: str, double_quant: bool, storage: torch.dtype, compute):
+        super().__init__()
+        gate_up = source.gate_up_proj
+        self.num_experts = int(gate_up.shape[0])
+        self.act_fn = source.act_fn
+        self.compute_dtype = compute
+        for name in EXPERT_MATRICES:
+            packed, state = quantize_stack(getattr(source, name).data, quant_type, double_quant, storage, compute)
+            param = nn.Parameter(packed, requires_grad=False)
+            param.quant_state = state
+            setattr(self, name, param)
+
+    def shape(self, name: str) -> tuple[int, int, int]:
+        """(experts, out, in) of matrix ``name``."""
+        return tuple(getattr(self, name).quant_state.shape)
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """Matrix ``name`` of every expert, dequantized (experts x out x in, the compute dtype)."""
+        import bitsandbytes.functional as F
+
+        param = getattr(self, name)
+        return torch.stack(
+            [F.dequantize_4bit(param[e].view(-1, 1), s) for e, s in enumerate(param.quant_state.experts)]
+        )
+
+    def _matmul(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        param = getattr(self, name)
+        # As Linear4bit: the input in the compute dtype, dequantized inside bitsandbytes' matmul (forward and
+        # backward), the frozen weight never receiving a gradient.
+        return bnb.matmul_4bit(x.to(self.compute_dtype), param[e].view(-1, 1).t(), quant_state=param.quant_state.experts[e])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, lora=None):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:  # only the experts some token is routed to are dequantized
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(mask[e])
+            x = hidden_states[token_idx]
+            h = self._matmul(x, "gate_up_proj", e)
+            if lora is not None:
+                h = h + lora("gate_up_proj", e, x)
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up
+            out = self._matmul(h, "down_proj", e)
+            if lora is not None:
+                out = out + lora("down_proj", e, h)
+            out = out.to(hidden_states.dtype) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def quantize_experts(model: nn.Module, quant, compute_dtype: torch.dtype) -> list[str]:
+    """Swap every fused experts module of the loaded ``model`` for an :class:`NF4Experts`; return their names.
+
+    ``quant`` is the run's ``QuantConfig`` with its storage dtype resolved. Under ZeRO-3 (weights already
+    partitioned by ``zero.Init``) each module's two parameters are gathered while it is quantized; every rank
+    swaps the same modules in the same order.
+    """
+    from ..model import _DTYPES
+
+    storage = _DTYPES[quant.storage_dtype]
+    names = []
+    for name, module in fused_experts(model):
+        check_supported(name, module)
+        params = [getattr(module, n) for n in EXPERT_MATRICES]
+        with _gathered(params):
+            new = NF4Experts(module, quant.quant_type, quant.double_quant, storage, compute_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        names.append(name)
+    return names
+
+
+def _gathered(params):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+# -- LoRA on the experts ------------------------------------------------------------------------------------
+
+
+def expert_targets(target_modules) -> tuple[str, ...]:
+    """Which expert matrices ``lora.target_modules`` adapts: both for ``all-linear`` or ``experts``, else the
+    fused matrix names it lists (``gate_up_proj``, ``down_proj``)."""
+    if target_modules == "all-linear":
+        return EXPERT_MATRICES
+    names = set(target_modules)
+    return EXPERT_MATRICES if "experts" in names else tuple(m for m in EXPERT_MATRICES if m in names)
+
+
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+"""Linear routers some MoE models have: ``all-linear`` leaves them alone (a list may still name them)."""
+
+
+def peft_targets(target_modules, linear_names: list[str]):
+    """``lora.target_modules`` as peft should see it on a model with NF4 experts: the experts' names removed
+    (they are adapted here), a fused name kept where it also names linear layers (``down_proj`` of a dense
+    MLP or a shared expert), and ``all-linear`` spelled out as those layers without routers."""
+    from ..errors import ConfigError
+
+    if target_modules == "all-linear":
+        return [n for n in linear_names if n not in ROUTER_NAMES]
+    kept = [m for m in target_modules if m not in TARGET_NAMES or m in linear_names]
+    if not kept:
+        raise ConfigError(
+            f"lora.target_modules={list(target_modules)} names only the experts: qlora_dist needs at least one "
+            "linear layer as well (add e.g. q_proj and v_proj)"
+        )
+    return kept
+
+
+@contextlib.contextmanager
+def without_peft_moe_remap():
+    """Stop peft from re-targeting a fresh adapter at transformers' fused experts.
+
+    peft 0.21 rewrites ``target_modules`` for MoE models so that adapters trained on transformers 4 still load:
+    ``down_proj``, ``gate_proj``, ``w1``, ... and the router ``gate`` become ``target_parameters`` on the fused
+    experts (its ``ParamWrapper``, which refuses dropout and needs an unquantized weight), and ``all-linear``
+    names them all. Here the experts are NF4 and get their own LoRA, and the targets are already resolved, so
+    that rewrite is turned off while the adapter is created.
+    """
+    import peft.utils.transformers_weight_conversion as conversion
+
+    saved = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = saved
+
+
+class ExpertLoraWeights(nn.Module):
+    """One adapter's LoRA factors for every expert of one layer: ``<matrix>_A`` (experts x r x in) and
+    ``<matrix>_B`` (experts x out x r), float32 like peft's adapters."""
+
+    def __init__(self, experts: NF4Experts, matrices: tuple[str, ...], r: int, device) -> None:
+        super().__init__()
+        for name in matrices:
+            n, out_features, in_features = experts.shape(name)
+            a = torch.empty(n, r, in_features, dtype=torch.float32, device=device)
+            for e in range(n):  # peft's lora_A init, one expert at a time (fan_in = in_features)
+                nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            self.register_parameter(f"{name}_A", nn.Parameter(a))
+            b = torch.zeros(n, out_features, r, dtype=torch.float32, device=device)
+            self.register_parameter(f"{name}_B", nn.Parameter(b))
+
+
+def _tuner_layer_class():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+class LoraExperts(nn.Module, _tuner_layer_class()):
+    """:class:`NF4Experts` (``base_layer``) with per-expert LoRA: ``y_e = W_e x + B_e A_e dropout(x) * alpha/r``."""
+
+    adapter_layer_names = ("lora_experts",)
+
+    def __init__(self, base_layer: NF4Experts, adapter_name: str, matrices, r: int, alpha: float, dropout: float):
+        super().__init__()
+        device = base_layer.gate_up_proj.device
+        self.base_layer = base_layer
+        self.lora_experts = nn.ModuleDict({adapter_name: ExpertLoraWeights(base_layer, matrices, r, device)})
+        self.lora_dropout = nn.ModuleDict({adapter_name: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        self.matrices = tuple(matrices)
+        self.scaling = {adapter_name: alpha / r}
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+        # ZeRO-3: gather every parameter below this module (the packed experts and their LoRA) when it runs,
+        # instead of hooking the children, whose forward is never called.
+        self._z3_leaf = True
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        lora = None if self.disable_adapters else self._lora
+        return self.base_layer(hidden_states, top_k_index, top_k_weights, lora=lora)
+
+    def _lora(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor | None:
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
+        if name not in self.matrices:
+            return total
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_experts:
+                continue
+            weights = self.lora_experts[adapter]
+            a, b = getattr(weights, f"{name}_A")[e], getattr(weights, f"{name}_B")[e]
+            # peft's lora.Linear: dropout on the input, in the adapter's dtype, scaled, cast back.
+            low = self.lora_dropout[adapter](x.to(a.dtype)) @ a.t()
+            total = total + ((low @ b.t()) * self.scaling[adapter]).to(x.dtype)
+        return total
+
+
+def attach_expert_lora(model: nn.Module, cfg, adapter_name: str = "default") -> list[str]:
+    """Wrap every :class:`NF4Experts` of the peft ``model`` in a :class:`LoraExperts` for ``cfg`` (the run's
+    ``LoraConfig``); returns the wrapped module names (none when the targets leave the experts alone)."""
+    matrices = expert_targets(cfg.target_modules)
+    if not matrices:
+        return []
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Experts) and not name.endswith(".base_layer"):
+            parent, _, child = name.rpartition(".")
+            layer = LoraExperts(module, adapter_name, matrices, cfg.r, cfg.alpha, cfg.dropout)
+            setattr(model.get_submodule(parent), child, layer)
+            wrapped.append(name)
+    return wrapped
+
+
+def expert_lora_names(model: nn.Module) -> list[str]:
+    """Names of the trainable expert LoRA parameters (for tests and reports)."""
+    return [n for n, p in model.named_parameters() if ".lora_experts." in n and p.requires_grad]
+
+
+# -- merging ------------------------------------------------------------------------------------------------
+
+
+def read_expert_lora(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{fused weight name: {"A": ..., "B": ...}}`` from a saved adapter (float32), e.g.
+    ``model.layers.0.mlp.experts.gate_up_proj``; empty when the adapter has no expert LoRA."""
+    from safetensors.torch import load_file
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return pairs
+    for key, tensor in load_file(path).items():
+        match = LORA_KEY.fullmatch(key)
+        if match:
+            pairs.setdefault(f"{match.group(1)}.{match.group(2)}", {})[match.group(3)] = tensor.to(torch.float32)
+    return pairs
+
+
+def expert_delta(pair: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+    """Every expert's ``(B_e @ A_e) * scaling`` (experts x out x in, float32), peft's delta arithmetic."""
+    return torch.bmm(pair["B"], pair["A"]) * scaling
+
+
+@torch.no_grad()
+def merge_expert_lora(model: nn.Module, adapter_dir: Path) -> int:
+    """Add the saved expert LoRA deltas to the fused expert tensors of the plain (merged) ``model``; returns how
+    many fused tensors changed. Raises when a saved factor has no fused tensor of that name and shape."""
+    import json
+
+    pairs = read_expert_lora(adapter_dir)
+    if not pairs:
+        return 0
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    r, alpha = int(cfg["r"]), cfg["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    params = dict(model.named_parameters())
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"} or name not in params:
+            raise RuntimeError(f"expert LoRA {name}: no fused expert tensor of that name, or half a pair")
+        delta = expert_delta(pair, scaling)
+        if tuple(delta.shape) != tuple(params[name].shape):
+            raise RuntimeError(f"{name}: expert LoRA delta {tuple(delta.shape)} for {tuple(params[name].shape)}")
+        params[name].add_(delta.to(params[name].dtype))
+    return len(pairs)
