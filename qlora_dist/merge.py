@@ -37,6 +37,7 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,16 @@ def quantized_layers(model: nn.Module) -> tuple[set[str], set[int]]:
 
     from .model import base_param_name
 
+    from .quant import moe
+
     names, blocksizes = set(), set()
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             names.add(base_param_name(name + ".weight"))
             blocksizes.add(int(getattr(module.weight, "blocksize", None) or 64))
+        elif isinstance(module, moe.NF4Experts):
+            names.update(base_param_name(f"{name}.{m}") for m in moe.EXPERT_MATRICES)
+            blocksizes.add(moe.BLOCKSIZE)
     return names, blocksizes
 
 
@@ -161,11 +167,16 @@ def dequantized_base_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, 
 
     from .model import base_param_name
 
+    from .quant import moe
+
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             w = module.weight
             out[base_param_name(name + ".weight")] = F.dequantize_4bit(w.data, w.quant_state).to("cpu", dtype)
+        elif isinstance(module, moe.NF4Experts):  # fused experts, dequantized expert by expert
+            for m in moe.EXPERT_MATRICES:
+                out[base_param_name(f"{name}.{m}")] = module.dequantized(m).to("cpu", dtype)
     return out
 
 
@@ -189,10 +200,19 @@ def load_merge_base(
 
 
 def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load the saved adapter onto ``base`` with peft and fold it into the weights."""
+    """Load the saved adapter onto ``base`` with peft and fold it into the weights; then the per-expert LoRA
+    of NF4 experts (which peft does not know) into the fused expert tensors."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    from .quant import moe
+
+    # peft re-targets MoE adapters written for transformers 4 at the fused experts; one of ours (trained on
+    # NF4 experts, targets resolved) must load as it was saved.
+    ours = (Path(adapter_dir) / QUANT_META).is_file() or bool(moe.read_expert_lora(Path(adapter_dir)))
+    with moe.without_peft_moe_remap() if ours else contextlib.nullcontext():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    moe.merge_expert_lora(merged, Path(adapter_dir))
+    return merged
 
 
 def rebuild_dequantized(
@@ -307,6 +327,11 @@ def _plan(base_path: str, adapter_dir: Path, nf4: NF4Rebuild | None, trust_remot
         quantized = frozenset(
             nf4.layers if nf4.layers is not None else quantized_weights_of_config(config, nf4, trust_remote_code)
         )
+    fused = sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and ".experts." in n)
+    if fused:
+        # A checkpoint's experts may be stored per expert (Mixtral's w1/w3/w2) or fused; either way they were
+        # quantized one expert at a time, which this per-tensor rebuild does not do.
+        raise _Unsupported(f"NF4 experts ({fused[0]}, ...) are rebuilt and merged in memory")
     for what, wanted in (("4-bit layers", quantized), ("LoRA targets", deltas)):
         missing = sorted(set(wanted) - names)
         if missing:
@@ -443,6 +468,11 @@ def quantized_weights_of_config(config, nf4: NF4Rebuild, trust_remote_code: bool
     bnb_cfg = bnb_config(nf4.quant_config(), nf4.compute_dtype)
     with _without_zero3_init(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    from .quant import moe
+
+    experts = moe.fused_experts(model)
+    if experts:  # qlora_dist quantizes these itself at load, expert by expert
+        raise _Unsupported(f"{experts[0][0]} holds fused MoE experts, held in NF4 per expert: merged in memory")
     quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
     quantizer.preprocess_model(model=model, dtype=nf4.compute_dtype, device_map={"": "cpu"})
     names = set()
