@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny tokenizer trained on the example data and tiny Llama/Qwen2 model folders.
+"""Shared test fixtures: a tiny tokenizer trained on the example data and tiny Llama/Qwen2/MoE model folders.
 
 Everything is built locally (no hub access) once per test session, under pytest's temporary folder.
 """
@@ -54,4 +54,24 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
 
     out = tmp_path_factory.mktemp("tiny_qwen2")
     build_tiny_model(out, tiny_tokenizer, arch="qwen2")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A saved 2-layer, hidden-64 Mixtral: 8 experts of ffn 224 (3.5 x hidden), top-2, seed 0."""
+    from qlora_dist.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_mixtral")
+    build_tiny_model(out, tiny_tokenizer, arch="mixtral")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A saved 2-layer, hidden-64 Qwen3-MoE: 8 fine-grained experts (ffn 64), top-2, every layer sparse."""
+    from qlora_dist.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    build_tiny_model(out, tiny_tokenizer, arch="qwen3_moe")
     return out

@@ -157,6 +157,7 @@ class NF4Experts(nn.Module):
         super().__init__()
         gate_up = source.gate_up_proj
         self.num_experts = int(gate_up.shape[0])
+        self.source_class = type(source)  # the transformers class it replaced (tests rebuild it to compare)
         self.act_fn = source.act_fn
         self.compute_dtype = compute
         for name in EXPERT_MATRICES:
