@@ -238,6 +238,21 @@ class LinearShape:
 
 
 @dataclass
+class ExpertShape:
+    """One fused expert matrix of a MoE layer (``mlp.experts.gate_up_proj``): ``experts`` x out x in, held in
+    NF4 one expert at a time (:mod:`qlora_dist.quant.moe`)."""
+
+    name: str
+    experts: int
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.experts * self.out_features * self.in_features
+
+
+@dataclass
 class ModelLayout:
     """Parameter shapes of a causal LM, split the way a 4-bit load splits them."""
 
@@ -260,11 +275,15 @@ class ModelLayout:
     head_dim: int
     vocab: int
     checkpoint_dtype: str
+    experts: list[ExpertShape] = field(default_factory=list)
+    """Fused MoE expert matrices, quantized per expert by qlora_dist (not by transformers)."""
 
     @property
     def total_params(self) -> int:
-        return sum(q.numel + (q.out_features if q.bias else 0) for q in self.quantized) + sum(
-            n for name, n, _ in self.unquantized if not _is_bias_of(name, self.quantized)
+        return (
+            sum(q.numel + (q.out_features if q.bias else 0) for q in self.quantized)
+            + sum(n for name, n, _ in self.unquantized if not _is_bias_of(name, self.quantized))
+            + sum(x.numel for x in self.experts)
         )
 
 
@@ -312,12 +331,20 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
             if type(module) is nn.Linear and _should_convert(mname, skip):
                 quantized.append(shape)
                 quantized_names.add(mname)
+    from .quant import moe
+
+    experts = [
+        ExpertShape(f"{mname}.{m}", *getattr(module, m).shape)
+        for mname, module in moe.fused_experts(model)
+        for m in moe.EXPERT_MATRICES
+    ]
+    expert_names = {x.name for x in experts}
     strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     loose = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     unquantized = []
     for pname, p in model.named_parameters():
         owner, _, leaf = pname.rpartition(".")
-        if owner in quantized_names and leaf == "weight":
+        if (owner in quantized_names and leaf == "weight") or pname in expert_names:
             continue
         rule = "always" if _matches_any(pname, strict) else "float16" if _matches_any(pname, loose) else ""
         unquantized.append((pname, p.numel(), rule))
@@ -339,6 +366,7 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
         head_dim=int(getattr(text_cfg, "head_dim", None) or (hidden // heads if heads else 0)),
         vocab=int(getattr(text_cfg, "vocab_size", 0) or 0),
         checkpoint_dtype=str(ckpt_dtype).replace("torch.", ""),
+        experts=experts,
     )
     return layout
 
@@ -404,11 +432,16 @@ def lora_shapes(layout: ModelLayout, target_modules: str | list[str], r: int) ->
     output head; a list names layers by their last name component, and a name no layer has is an error.
     """
     from .errors import ConfigError
+    from .quant import moe
 
     if target_modules == "all-linear":
         targets = layout.lora_candidates
+        if layout.experts:  # as attach_lora resolves it on a MoE model: no linear routers
+            targets = [s for s in targets if s.name.rsplit(".", 1)[-1] not in moe.ROUTER_NAMES]
     else:
         available = sorted({s.name.rsplit(".", 1)[-1] for s in layout.lora_candidates})
+        if layout.experts:
+            available = sorted({*available, *moe.TARGET_NAMES})
         missing = [m for m in target_modules if m not in available]
         if missing:
             raise ConfigError(
@@ -421,6 +454,12 @@ def lora_shapes(layout: ModelLayout, target_modules: str | list[str], r: int) ->
     for s in targets:
         out.append((f"{s.name}.lora_A", r * s.in_features))
         out.append((f"{s.name}.lora_B", s.out_features * r))
+    matrices = moe.expert_targets(target_modules) if layout.experts else ()
+    for x in layout.experts:  # per-expert factors, one experts x r x in and one experts x out x r tensor
+        module, _, matrix = x.name.rpartition(".")
+        if matrix in matrices:
+            out.append((f"{module}.lora_experts.{matrix}_A", x.experts * r * x.in_features))
+            out.append((f"{module}.lora_experts.{matrix}_B", x.experts * x.out_features * r))
     return out
 
 
@@ -674,8 +713,9 @@ def plan_memory(
             "name_or_path": config.model.name_or_path,
             "model_type": layout.model_type,
             "params": layout.total_params,
-            "quantized_params": sum(q.numel for q in layout.quantized),
+            "quantized_params": sum(q.numel for q in layout.quantized) + sum(x.numel for x in layout.experts),
             "quantized_layers": len(layout.quantized),
+            "nf4_expert_matrices": len(layout.experts),
             "lora_params": sum(n for _, n in lora),
             "layers": layout.layers,
             "hidden_size": layout.hidden,
@@ -742,6 +782,11 @@ def _weight_bytes(
         b = nf4_layer_bytes(q.numel, config.quant.double_quant, s)
         out["nf4_weights"] += place.gpu(b["packed"] // s) * s + b["state"]
         out["host"] += place.host(b["packed"] // s) * s
+    for x in layout.experts:  # one packed parameter per matrix (all experts), one quantization state per expert
+        b = nf4_layer_bytes(x.out_features * x.in_features, config.quant.double_quant, s)
+        elements = x.experts * (b["packed"] // s)
+        out["nf4_weights"] += place.gpu(elements) * s + x.experts * b["state"]
+        out["host"] += place.host(elements) * s
     for _, n, rule in layout.unquantized:
         size = 4 if rule == "always" or (rule == "float16" and compute == "float16") else _DTYPE_BYTES[compute]
         out["unquantized"] += place.gpu(n) * size
@@ -818,6 +863,9 @@ def _module_bytes(name: str, elements: int, layout: ModelLayout, e: int, s_bytes
         if q.name == name:
             packed = nf4_layer_bytes(q.numel, double_quant, s_bytes)["packed"]
             return packed + (q.out_features * e if q.bias else 0)
+    fused = [x for x in layout.experts if x.name.rpartition(".")[0] == name]
+    if fused:  # NF4 experts: every expert's packed data
+        return sum(x.experts * nf4_layer_bytes(x.out_features * x.in_features, double_quant, s_bytes)["packed"] for x in fused)
     return elements * e
 
 

@@ -104,7 +104,9 @@ class ExpertsQuantState(_quant_state_class()):
     def __init__(self, experts: list) -> None:
         first = experts[0]
         super().__init__(
-            absmax=torch.cat([s.absmax.reshape(-1) for s in experts]),
+            # No stacked copy of the statistics (it would cost memory): code reading ``absmax`` as if this were
+            # one expert's state finds nothing, rather than expert 0's numbers.
+            absmax=torch.empty(0, device=first.absmax.device),
             shape=torch.Size((len(experts), *first.shape)),
             code=first.code,
             blocksize=first.blocksize,

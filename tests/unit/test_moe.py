@@ -228,3 +228,41 @@ def test_checksum_covers_every_expert_state(tiny_mixtral_dir):
     state = module.down_proj.quant_state.experts[-1]
     state.absmax[0] += 1
     assert model_mod.base_checksum(model) != before
+
+
+@pytest.mark.parametrize("storage", ["uint8", "float32"])
+def test_planner_counts_the_nf4_experts_exactly(tiny_mixtral_dir, storage):
+    """The planner's exact parts (NF4 weights + state, unquantized, LoRA) equal the loaded tensors' bytes."""
+    import bitsandbytes as bnb
+
+    from qlora_dist import plan as plan_mod
+    from qlora_dist.config import from_dict
+
+    raw = {
+        "model": {"name_or_path": str(tiny_mixtral_dir)},
+        "quant": {"compute_dtype": "float32", "storage_dtype": storage},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"path": "unused.jsonl", "max_length": 32},
+    }
+    config = from_dict(raw).validate()
+    base = _load(tiny_mixtral_dir, storage)
+    held = unquantized = 0
+    for p in base.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is None:
+            unquantized += p.numel() * p.element_size()
+            continue
+        held += p.numel() * p.element_size()
+        for s in getattr(qs, "experts", [qs]):
+            tensors = [s.absmax, s.code] + ([s.state2.absmax, s.state2.code, s.offset] if s.nested else [])
+            held += sum(t.numel() * t.element_size() for t in tensors)
+        assert isinstance(p, bnb.nn.Params4bit) or isinstance(qs, moe.ExpertsQuantState)
+    total = model_mod.count_params(base)[1]
+    lora = sum(p.numel() * 4 for p in model_mod.attach_lora(base, config.lora).parameters() if p.requires_grad)
+    layout = plan_mod.model_layout(str(tiny_mixtral_dir))
+    assert len(layout.experts) == 4 and all(x.experts == 8 for x in layout.experts)
+    planned = plan_mod.plan_memory(config, plan_mod.LaunchPlan(), gpus=1, device="cpu", layout=layout)
+    assert planned.per_gpu_bytes["nf4_weights"] == held
+    assert planned.per_gpu_bytes["unquantized"] == unquantized
+    assert planned.per_gpu_bytes["lora"] == lora
+    assert planned.model["params"] == total
