@@ -146,10 +146,11 @@ def _check_versions(env: Mapping[str, str]) -> str:
 
 
 def _check_model(cfg: RunConfig, holder: dict) -> str:
-    from .model import count_params, linear_layer_names, meta_model
+    from .model import count_params, linear_layer_names, lora_target_names, meta_model
 
     model = meta_model(cfg.model)
     holder["linear_names"] = linear_layer_names(model)
+    holder["target_names"] = lora_target_names(model)  # NF4 MoE experts add theirs
     holder["total_params"] = count_params(model)[1]
     n = holder["total_params"]
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -180,8 +181,11 @@ def _check_data(cfg: RunConfig, holder: dict) -> str:
 
 def _check_lora(cfg: RunConfig, holder: dict) -> str:
     from .model import check_target_modules
+    from .quant import moe
 
-    check_target_modules(holder["linear_names"], cfg.lora)
+    check_target_modules(holder["target_names"], cfg.lora)
+    if set(holder["target_names"]) != set(holder["linear_names"]):
+        moe.peft_targets(cfg.lora.target_modules, holder["linear_names"])  # the experts need a linear target too
     targets = cfg.lora.target_modules
     return f"targets {targets if targets == 'all-linear' else ', '.join(targets)} among {', '.join(holder['linear_names'])}"
 

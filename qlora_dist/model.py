@@ -194,7 +194,8 @@ def lora_target_names(model: nn.Module) -> list[str]:
     matrices where the model's experts are held in NF4 (:mod:`qlora_dist.quant.moe`)."""
     from .quant import moe
 
-    extra = moe.TARGET_NAMES if moe.has_nf4_experts(model) else ()
+    # A loaded model holds NF4Experts; a meta model (check, plan) still has transformers' fused experts.
+    extra = moe.TARGET_NAMES if moe.has_nf4_experts(model) or moe.fused_experts(model) else ()
     return sorted({*linear_layer_names(model), *extra})
 
 

@@ -266,3 +266,27 @@ def test_planner_counts_the_nf4_experts_exactly(tiny_mixtral_dir, storage):
     assert planned.per_gpu_bytes["unquantized"] == unquantized
     assert planned.per_gpu_bytes["lora"] == lora
     assert planned.model["params"] == total
+
+
+def test_check_knows_the_expert_targets(tiny_mixtral_dir, demo_data_dir, tmp_path):
+    """``qlora-dist check`` (meta model, no weights) accepts the expert target names and gives the same
+    refusal as a run for experts without a linear target."""
+    import yaml
+
+    from qlora_dist import doctor
+
+    raw = {
+        "model": {"name_or_path": str(tiny_mixtral_dir)},
+        "data": {"path": str(demo_data_dir / "alpaca_demo.jsonl")},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def lora_finding(targets: str):
+        findings = doctor.run_checks(str(config), [f"lora.target_modules={targets}"])
+        return next(f for f in findings if f.check == "lora")
+
+    assert lora_finding("[q_proj,experts]").level == "ok"
+    refused = lora_finding("[experts]")
+    assert refused.level == "error" and "names only the experts" in refused.message
