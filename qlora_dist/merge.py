@@ -27,6 +27,7 @@ half-written ``merged/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -37,7 +38,6 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,6 @@ def quantized_layers(model: nn.Module) -> tuple[set[str], set[int]]:
     import bitsandbytes as bnb
 
     from .model import base_param_name
-
     from .quant import moe
 
     names, blocksizes = set(), set()
@@ -166,7 +165,6 @@ def dequantized_base_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, 
     import bitsandbytes.functional as F
 
     from .model import base_param_name
-
     from .quant import moe
 
     out = {}

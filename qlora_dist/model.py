@@ -240,7 +240,9 @@ def attach_lora(model: nn.Module, cfg: LoraConfig):
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=moe.peft_targets(cfg.target_modules, linear_layer_names(model)) if experts else cfg.target_modules,
+        target_modules=moe.peft_targets(cfg.target_modules, linear_layer_names(model))
+        if experts
+        else cfg.target_modules,
         task_type="CAUSAL_LM",
         bias="none",
     )

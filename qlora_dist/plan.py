@@ -865,7 +865,9 @@ def _module_bytes(name: str, elements: int, layout: ModelLayout, e: int, s_bytes
             return packed + (q.out_features * e if q.bias else 0)
     fused = [x for x in layout.experts if x.name.rpartition(".")[0] == name]
     if fused:  # NF4 experts: every expert's packed data
-        return sum(x.experts * nf4_layer_bytes(x.out_features * x.in_features, double_quant, s_bytes)["packed"] for x in fused)
+        return sum(
+            x.experts * nf4_layer_bytes(x.out_features * x.in_features, double_quant, s_bytes)["packed"] for x in fused
+        )
     return elements * e
 
 

@@ -69,6 +69,7 @@ def _moe_settings(arch: str, hidden_size: int) -> dict[str, Any]:
         )
     return {}
 
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 

@@ -59,6 +59,12 @@ def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
 
 
+def meta_quantized_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters of a (meta) model that a qlora_dist load holds in NF4 besides bitsandbytes'
+    ``Linear4bit`` weights: every fused expert matrix (for ``check``/``plan`` predictions of the 4-bit share)."""
+    return [f"{name}.{m}" for name, _ in fused_experts(model) for m in EXPERT_MATRICES]
+
+
 def has_nf4_experts(model: nn.Module) -> bool:
     return any(isinstance(m, NF4Experts) for m in model.modules())
 
@@ -187,7 +193,9 @@ class NF4Experts(nn.Module):
         param = getattr(self, name)
         # As Linear4bit: the input in the compute dtype, dequantized inside bitsandbytes' matmul (forward and
         # backward), the frozen weight never receiving a gradient.
-        return bnb.matmul_4bit(x.to(self.compute_dtype), param[e].view(-1, 1).t(), quant_state=param.quant_state.experts[e])
+        return bnb.matmul_4bit(
+            x.to(self.compute_dtype), param[e].view(-1, 1).t(), quant_state=param.quant_state.experts[e]
+        )
 
     def forward(self, hidden_states, top_k_index, top_k_weights, lora=None):
         final = torch.zeros_like(hidden_states)

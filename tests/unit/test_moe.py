@@ -139,7 +139,9 @@ def test_forward_equals_dequantized_stock_experts(arch, request, batch):
 
     # With LoRA (random, non-zero B): our per-expert LoRA == stock experts on W + (B @ A) * alpha / r.
     torch.manual_seed(0)
-    peft_model = model_mod.attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "experts"]))
+    peft_model = model_mod.attach_lora(
+        model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "experts"])
+    )
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -149,12 +151,14 @@ def test_forward_equals_dequantized_stock_experts(arch, request, batch):
         plain = {}
         for name, layer in layers.items():
             w = layer.lora_experts["default"]
-            delta = {m: moe.expert_delta({"A": getattr(w, f"{m}_A"), "B": getattr(w, f"{m}_B")}, 2.0) for m in layer.matrices}
+            delta = {
+                m: moe.expert_delta({"A": getattr(w, f"{m}_A"), "B": getattr(w, f"{m}_B")}, 2.0) for m in layer.matrices
+            }
             plain[name] = _stock_experts(layer.base_layer, config, "eager", delta)
         saved = _swap(peft_model, plain)
         reference = peft_model(input_ids=batch).logits
         _swap(peft_model, saved)
-        base_only = _swap(peft_model, {n: l.base_layer for n, l in layers.items()})
+        base_only = _swap(peft_model, {n: layer.base_layer for n, layer in layers.items()})
         without = peft_model(input_ids=batch).logits
         _swap(peft_model, base_only)
     assert _rel(ours, reference) <= REL_TOL
