@@ -4,10 +4,13 @@ Qwen3-MoE under ZeRO-3, both with LoRA (dropout 0.1) on the attention linears an
 One run per strategy serves every assertion: the world size the workers saw, a frozen base (experts included)
 that is bit-identical before and after on every rank, identical adapters on every rank, expert LoRA saved
 (and trained) but none on the router, the frozen base's bytes per rank, and a merged model that plain
-transformers loads and that reproduces an independently rebuilt NF4 base + adapter.
+transformers loads and that reproduces an independently rebuilt NF4 base + adapter. One more DDP launch
+resumes the DDP run from its step-2 checkpoint and must end with the same adapter, bit for bit.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from .conftest import launch, read_report, write_run_config
 pytestmark = pytest.mark.distributed
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
-TRAIN = {"max_steps": 3, "optimizer": "adamw", "lr": 1e-2}
+TRAIN = {"max_steps": 4, "optimizer": "adamw", "lr": 1e-2, "save_steps": 2}
 RUNS = {"ddp": ("multi_gpu_ddp.yaml", "tiny_mixtral_dir"), "zero3": ("deepspeed_zero3.yaml", "tiny_qwen3_moe_dir")}
 
 
@@ -104,3 +107,34 @@ def test_moe_run_trains_experts_lora_and_merges(moe_runs, name):
     assert report["merge"]["rel_logit_error"] <= 1e-4 and report["merge"]["method"] == "in-memory"
     # The merged folder keeps the checkpoint's own expert layout (per-expert tensors, as the base has them).
     assert set(load_file(out / "merged" / "model.safetensors")) == set(load_file(model_dir / "model.safetensors"))
+
+
+def test_moe_resume_is_exact(moe_runs, cache_dir):
+    """Resumed from the step-2 checkpoint (expert LoRA, optimizer state, per-rank RNG for dropout), the DDP
+    run reaches the same adapter as the uninterrupted one: the expert LoRA travels with the checkpoint."""
+    model_dir, out, report = moe_runs["ddp"]
+    resumed = out.with_name("ddp-resumed")
+    shutil.copytree(out / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    cfg = write_run_config(
+        resumed.with_suffix(".yaml"),
+        model_dir,
+        report_data(out),
+        resumed,
+        lora=LORA,
+        train=TRAIN,
+        output={"merge": False},
+    )
+    launch(["-m", "qlora_dist", "train", str(cfg)], cache_dir, "multi_gpu_ddp.yaml")
+    again = read_report(resumed)
+    assert again["world_size"] == 2 and again["resumed_from_step"] == 2
+    first = load_file(out / "adapter" / "adapter_model.safetensors")
+    second = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and any(moe.LORA_KEY.fullmatch(k) for k in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def report_data(out):
+    import yaml
+
+    return yaml.safe_load((out / "config.yaml").read_text())["data"]["path"]
