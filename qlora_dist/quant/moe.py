@@ -348,7 +348,7 @@ class LoraExperts(nn.Module, _tuner_layer_class()):
         lora = None if self.disable_adapters else self._lora
         return self.base_layer(hidden_states, top_k_index, top_k_weights, lora=lora)
 
-    def _lora(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor | None:
+    def _lora(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         if name not in self.matrices:
             return total
