@@ -219,7 +219,7 @@ class FSDP2Strategy:
         offset = 0
         for p, g in zip(self._lora, grads, strict=True):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g).clone()
+            p.grad = flat[offset : offset + n].view_as(g)  # views: the flat buffer holds the gradients now
             offset += n
 
     def gathered(self, params):

@@ -1,0 +1,182 @@
+"""Real 2-process FSDP2 runs on CPU (gloo) through ``accelerate launch --config_file launch_configs/fsdp2.yaml``.
+
+Five launches in all, each reused for several asserts: the invariants every strategy reports (with the
+default bitsandbytes paged 8-bit optimizer, merge on), the same run stopped by SIGTERM and resumed, and the
+equivalence of FSDP2 with a single process (plain AdamW, evaluating mid-training). DDP and ZeRO are compared
+with the same single-process reference in ``test_deepspeed.py``, so FSDP2 = single implies FSDP2 = DDP = ZeRO.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_dist import checkpoint
+from qlora_dist import model as model_mod
+from qlora_dist.config import ModelConfig, QuantConfig, load_config
+from qlora_dist.plan import model_layout, nf4_layer_bytes, plan_memory, read_launch_config
+
+from .conftest import LAUNCH_CONFIGS, launch, read_report, write_run_config
+from .test_deepspeed import _refused
+from .test_resume import preempt
+
+pytestmark = pytest.mark.distributed
+
+FSDP2 = "fsdp2.yaml"
+# Long enough for SIGTERM to land mid-run; crosses an epoch (56 training rows / 8 per step).
+MAIN = {"max_steps": 10, "micro_batch_size": 4, "save_steps": 0}
+EQUIV = {"max_steps": 4, "optimizer": "adamw", "grad_accum": 1, "max_grad_norm": 1.0}
+DATA = {"eval_fraction": 0.125}
+
+
+def _cfg(tmp, name, model_dir, data_path, **sections):
+    return write_run_config(tmp / f"{name}.yaml", model_dir, data_path, tmp / name, **sections)
+
+
+def _train(cfg, cache_dir, launch_config=FSDP2, num_processes=2):
+    return launch(["-m", "qlora_dist", "train", str(cfg)], cache_dir, launch_config, num_processes)
+
+
+def _adapter(out):
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir):
+    """2 ranks, fsdp2.yaml, the default optimizer (paged_adamw_8bit), merge on, an eval every 3 steps."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    cfg = _cfg(tmp, "main", tiny_llama_dir, small_alpaca, train={**MAIN, "eval_steps": 3}, data=DATA)
+    proc = _train(cfg, cache_dir)
+    return tmp / "main", read_report(tmp / "main"), proc, cfg
+
+
+def test_fsdp2_run_invariants(main_run, tiny_llama_dir):
+    out, report, proc, _ = main_run
+    assert report["world_size"] == 2 and report["strategy"] == "fsdp2"
+    # bitsandbytes' optimizer steps the LoRA weights as plain tensors: nothing switched.
+    assert report["optimizer"] == "paged_adamw_8bit" and report["quant_storage_dtype"] == "uint8"
+    # Exactly the LoRA gradients are all-reduced once per optimizer step (fp32).
+    assert report["grad_sync_bytes_per_step"] == report["trainable_grad_bytes"]
+    # The base moves: each micro-step gathers every layer in forward and again in backward (reshard after
+    # forward), at least the whole base once.
+    assert report["param_gather_bytes_per_step"] >= 2 * sum(report["base_bytes_per_rank"])
+    step_s = report["train_seconds"] / report["steps"]
+    assert len(report["comm_seconds_per_step"]) == 2 and all(0 < c < step_s for c in report["comm_seconds_per_step"])
+    # The frozen base, gathered, has the same bytes before and after on every rank; LoRA is equal on both.
+    assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
+    assert len(set(report["lora_checksum_per_rank"])) == 1
+    shards = report["data_shards"]
+    assert shards["disjoint"] and shards["examples_per_rank"][0] == shards["examples_per_rank"][1] > 0
+    assert report["final_loss"] < report["initial_loss"] and report["eval_loss"] is not None
+    assert report["merge"]["merged_by_rank"] == 0 and report["merge"]["rel_logit_error"] <= 1e-4
+    assert (proc.stdout + proc.stderr).count("merged the adapter") == 1
+
+    # An independent fresh NF4 load (uint8 storage) has the checksum the run reported before sharding...
+    base = model_mod.load_quantized_model(
+        ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(storage_dtype="uint8"), torch.device("cpu"),
+        torch.float32,
+    )  # fmt: skip
+    assert model_mod.base_checksum(base) == report["base_checksum_before"]
+    # ...and each rank held half of its base bytes: the shards add up to the whole, rank 0 holding the larger.
+    whole = model_mod.local_base_bytes(base)
+    held = report["base_bytes_per_rank"]
+    assert sum(held) == whole and held[0] >= held[1] and held[0] - whole / 2 <= 0.01 * whole
+
+    # The adapter rank 0 saved loads with peft, every key present, and reproduces the merged model.
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    saved = _adapter(out)
+    qlora = PeftModel.from_pretrained(base, out / "adapter").eval()
+    loaded = get_peft_model_state_dict(qlora)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        ref, got = qlora(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert float((got - ref).norm() / ref.norm()) <= 1e-4
+
+
+def test_planner_gives_rank_0s_exact_shard(main_run, tiny_llama_dir):
+    """``qlora-dist plan --launch-config launch_configs/fsdp2.yaml``: the frozen bytes of rank 0's shard,
+    to the byte (the quantization state, not a parameter, is whole on every rank)."""
+    _, report, _, cfg = main_run
+    config = load_config(cfg)
+    plan = plan_memory(config, read_launch_config(LAUNCH_CONFIGS / FSDP2), 2, device="cpu")
+    state = sum(nf4_layer_bytes(q.numel, True, 1)["state"] for q in model_layout(str(tiny_llama_dir)).quantized)
+    b = plan.per_gpu_bytes
+    assert plan.strategy == "fsdp2"
+    assert b["nf4_weights"] - state + b["unquantized"] == report["base_bytes_per_rank"][0]
+    assert b["lora"] == report["trainable_grad_bytes"]  # LoRA whole on every rank
+    assert b["load_peak"] > b["nf4_weights"] + b["unquantized"]
+
+
+def test_preempted_then_resumed_equals_uninterrupted(main_run, tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
+    """SIGTERM to the launcher, the same command again: the adapter equals the uninterrupted run's bit for bit
+    (fp32 on CPU, the same data order, the optimizer state and RNG restored)."""
+    uninterrupted, _, _, _ = main_run
+    cfg = _cfg(tmp_path, "run", tiny_llama_dir, small_alpaca, train={**MAIN, "eval_steps": 3}, data=DATA)
+    out = tmp_path / "run"
+    preempt(cfg, out, cache_dir, signals=(signal.SIGTERM,), launch_config=FSDP2)
+    marker = json.loads((out / checkpoint.PREEMPTED).read_text())
+    assert 0 < marker["step"] < MAIN["max_steps"] and not (out / "run_report.json").exists()
+    _train(cfg, cache_dir)
+    report = read_report(out)
+    assert report["world_size"] == 2 and report["strategy"] == "fsdp2"
+    assert report["resumed_from_step"] == marker["step"] and report["steps"] == MAIN["max_steps"]
+    a, b = _adapter(out), _adapter(uninterrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(out) == _losses(uninterrupted)
+
+
+def test_fsdp2_equals_single_process_and_eval_changes_nothing(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
+    """Same seed, data and global batch (8): 1 process x 8 vs 2 FSDP2 ranks x 4, plain AdamW, fp32 on CPU.
+
+    The FSDP2 run evaluates after steps 1, 2 and 3 (an eval-mode, no-grad forward through the sharded model,
+    the path where bitsandbytes' CPU repack once corrupted later steps); the single run does not. The runs
+    differ only in the order of floating-point sums (two partial sums and an all-reduce instead of one sum:
+    ~1e-7 relative per step); AdamW divides by sqrt(v), which amplifies that in lora_A's first steps, so the
+    adapters agree to rtol 1e-4 / atol 1e-6 and the losses to 1e-6 relative. A sharding or normalisation
+    mistake (an example seen twice, a gradient not averaged, a step changed by an eval) moves them by 1e-3.
+    """
+    no_merge = {"merge": False}
+    fsdp = _cfg(tmp_path, "fsdp2", tiny_llama_dir, small_alpaca, data=DATA, output=no_merge,
+                train={**EQUIV, "micro_batch_size": 4, "eval_steps": 1})  # fmt: skip
+    single = _cfg(tmp_path, "single", tiny_llama_dir, small_alpaca, data=DATA, output=no_merge,
+                  train={**EQUIV, "micro_batch_size": 8, "eval_steps": 0})  # fmt: skip
+    _train(fsdp, cache_dir)
+    _train(single, cache_dir, "single_gpu.yaml", 1)
+    reports = {name: read_report(tmp_path / name) for name in ("fsdp2", "single")}
+    assert {n: (r["world_size"], r["strategy"]) for n, r in reports.items()} == {
+        "fsdp2": (2, "fsdp2"),
+        "single": (1, "single"),
+    }
+    rows = [json.loads(line) for line in (tmp_path / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_loss" in r for r in rows) >= EQUIV["max_steps"]  # it did evaluate mid-training
+    got, ref = _losses(tmp_path / "fsdp2"), _losses(tmp_path / "single")
+    assert len(got) == len(ref) == EQUIV["max_steps"]
+    assert all(abs(g - r) <= 1e-6 * abs(r) for g, r in zip(got, ref, strict=True)), (got, ref)
+    a, b = _adapter(tmp_path / "fsdp2"), _adapter(tmp_path / "single")
+    assert max(float(t.abs().max()) for k, t in b.items() if "lora_B" in k) > 1e-3  # it trained
+    assert a.keys() == b.keys()
+    for key in b:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_fsdp1_launch_is_refused_in_one_line(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
+    """The nearest good launch (fsdp_version: 2, the same file otherwise) is every other test here."""
+    text = (LAUNCH_CONFIGS / FSDP2).read_text().replace("fsdp_version: 2", "fsdp_version: 1")
+    (tmp_path / "fsdp1.yaml").write_text(text)
+    err = _refused(tmp_path, str(tmp_path / "fsdp1.yaml"), tiny_llama_dir, small_alpaca, cache_dir, [])
+    assert re.search(r"qlora-dist: error( \[rank 1\])?: (launch: )?fsdp_version: 1 \(FSDP1\)", err)
+    assert "set fsdp_config.fsdp_version: 2" in err
