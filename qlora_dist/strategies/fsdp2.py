@@ -138,11 +138,6 @@ class FSDP2Strategy:
                 f"fsdp_auto_wrap_policy: {self.auto_wrap_policy}: fsdp2 shards per decoder layer; set "
                 "fsdp_config.fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"
             )
-        if config.train.optimizer == "deepspeed_cpu_adam":
-            raise ConfigError(
-                "train.optimizer=deepspeed_cpu_adam needs DeepSpeed's ZeRO-Offload, not fsdp2: choose adamw, "
-                "adamw_8bit, paged_adamw_8bit or paged_adamw_32bit"
-            )
         storage = self.storage_dtype(config, _compute_dtype_hint(config))
         if self.param_dtype is not None and storage not in ("uint8", _name(self.param_dtype)):
             raise ConfigError(
