@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_mixed_precision_breaks_only_storage_it_casts(group, tiny_llama_dir, sto
 
 def _launch_error(tmp_path, model_dir, data, launch_edits=None, overrides=()):
     """``qlora-dist check``'s launch finding for fsdp2.yaml with ``launch_edits`` applied to its mapping."""
-    raw = yaml.safe_load(open(REPO_LAUNCH).read())
+    raw = yaml.safe_load(Path(REPO_LAUNCH).read_text())
     for key, value in (launch_edits or {}).items():
         section, _, name = key.rpartition(".")
         (raw[section] if section else raw)[name] = value
