@@ -21,8 +21,8 @@ The traps handled here:
   ``param_dtype`` or be ``uint8`` (refused in :meth:`FSDP2Strategy.check`).
 - A sharded parameter is a new object without bitsandbytes' ``quant_state``; it is put back on it (from the
   layer, where bitsandbytes keeps a copy for FSDP) so checksums over the gathered base see the same bytes.
-- FSDP1 (``fsdp_version: 1``) does not run a 4-bit base on CPU (``Inconsistent compute device``, then a
-  segfault in its state-dict code) and mixes frozen and trainable weights badly: refused.
+- FSDP1 (``fsdp_version: 1``, accelerate's default) does not run a 4-bit base on CPU (``Inconsistent compute
+  device``, then a segfault in its state-dict code, in the probe behind issue 12): refused.
 - ``fsdp_cpu_ram_efficient_loading`` makes transformers load empty weights on every rank but 0 and broadcast
   later, which a 4-bit base quantized at load cannot take: refused.
 """
@@ -107,9 +107,9 @@ class FSDP2Strategy:
         """Refuse what cannot work with a 4-bit base under FSDP2, naming the setting to change."""
         if self.version != 2:
             raise ConfigError(
-                f"fsdp_version: {self.version} (FSDP1) does not train a 4-bit base here (frozen and trainable "
-                "weights in one flat parameter; on CPU it fails in its state-dict code): set fsdp_config.fsdp_version: 2 "
-                "(as launch_configs/fsdp2.yaml does)"
+                f"fsdp_version: {self.version} (FSDP1) is not supported with a 4-bit base (qlora_dist shards with "
+                "FSDP2's fully_shard; FSDP1 fails on CPU with 'Inconsistent compute device'): set "
+                "fsdp_config.fsdp_version: 2 (as launch_configs/fsdp2.yaml does)"
             )
         if self.mixed_precision not in _MIXED:
             raise ConfigError(f"mixed_precision: {self.mixed_precision} is not supported with fsdp2: use no or bf16")
