@@ -140,3 +140,24 @@ def test_each_refusal_fires_on_its_config_and_not_the_nearest_good_one(
 @pytest.fixture(scope="module")
 def small_alpaca_unit(tmp_path_factory, demo_data_dir):
     return demo_data_dir / "alpaca_demo.jsonl"
+
+
+def test_fsdp2_launch_resolves_to_fsdp2_and_reads_fsdp_config():
+    from qlora_dist.config import load_config
+    from qlora_dist.errors import ConfigError
+    from qlora_dist.plan import read_launch_config
+    from qlora_dist.strategies import resolve_strategy
+
+    base = {"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
+    env = read_launch_config(REPO_LAUNCH).to_env(2)  # what `accelerate launch --config_file fsdp2.yaml` exports
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
+    strategy = resolve_strategy(load_config(base=base), env)
+    assert (strategy.name, strategy.version, strategy.reshard_after_forward) == ("fsdp2", 2, True)
+    assert strategy.storage_dtype(load_config(base=base), torch.bfloat16) == "uint8"
+    assert strategy.optimizer_name("paged_adamw_8bit") == "paged_adamw_8bit"  # nothing switched
+    kept = resolve_strategy(load_config(base=base), {**env, "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert kept.reshard_after_forward is False
+    # train.strategy=fsdp2 under a DDP launch names the launch config to use.
+    with pytest.raises(ConfigError, match="train.strategy=fsdp2 but the launch config gives ddp: launch with "
+                       "launch_configs/fsdp2.yaml"):  # fmt: skip
+        resolve_strategy(load_config(base=base, overrides=["train.strategy=fsdp2"]), {"WORLD_SIZE": "2"})
