@@ -69,6 +69,23 @@ def test_replicated_lora_steps_bitsandbytes_optimizers(group, tiny_llama_dir, op
     assert any(not torch.equal(a, p) for a, p in zip(before, lora, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "tied"])
+def test_biased_and_tied_models_shard_and_step(group, tmp_path, tiny_qwen2_dir, tiny_tokenizer, kind):
+    """Qwen2's biased q/k/v projections, and a head tied to the embeddings (one parameter in the root unit)."""
+    import bitsandbytes as bnb
+
+    from qlora_dist.tiny import build_tiny_model
+
+    if kind == "tied":
+        build_tiny_model(tmp_path / "tied", tiny_tokenizer, tie_word_embeddings=True)
+    model = _qlora(tiny_qwen2_dir if kind == "qwen2" else tmp_path / "tied")
+    before = model_mod.base_checksum(model)
+    shard_model(model, torch.device("cpu"), 1)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    _step(model, bnb.optim.PagedAdamW8bit(lora, lr=1e-3))
+    assert model_mod.base_checksum(model) == before  # gathered after a step: the same frozen bytes
+
+
 def test_sharded_lora_breaks_bitsandbytes_optimizers(group, tiny_llama_dir):
     """Why LoRA is left out of FSDP: sharded, its weights are DTensors bitsandbytes' kernels cannot step."""
     import bitsandbytes as bnb
