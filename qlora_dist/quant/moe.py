@@ -168,15 +168,24 @@ class NF4Experts(nn.Module):
         self.source_class = type(source)  # the transformers class it replaced (tests rebuild it to compare)
         self.act_fn = source.act_fn
         self.compute_dtype = compute
+        # The states live on the module too (as bitsandbytes' Linear4bit keeps one): FSDP2 replaces the
+        # parameter objects, and the forward must not depend on an attribute of the parameter.
+        self.quant_states: dict[str, ExpertsQuantState] = {}
         for name in EXPERT_MATRICES:
             packed, state = quantize_stack(getattr(source, name).data, quant_type, double_quant, storage, compute)
             param = nn.Parameter(packed, requires_grad=False)
             param.quant_state = state
             setattr(self, name, param)
+            self.quant_states[name] = state
+
+    def restore_quant_states(self) -> None:
+        """Put each state back on its parameter (after FSDP2 made new parameter objects)."""
+        for name, state in self.quant_states.items():
+            getattr(self, name).quant_state = state
 
     def shape(self, name: str) -> tuple[int, int, int]:
         """(experts, out, in) of matrix ``name``."""
-        return tuple(getattr(self, name).quant_state.shape)
+        return tuple(self.quant_states[name].shape)
 
     def dequantized(self, name: str) -> torch.Tensor:
         """Matrix ``name`` of every expert, dequantized (experts x out x in, the compute dtype)."""
@@ -184,7 +193,7 @@ class NF4Experts(nn.Module):
 
         param = getattr(self, name)
         return torch.stack(
-            [F.dequantize_4bit(param[e].view(-1, 1), s) for e, s in enumerate(param.quant_state.experts)]
+            [F.dequantize_4bit(param[e].view(-1, 1), s) for e, s in enumerate(self.quant_states[name].experts)]
         )
 
     def _matmul(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
@@ -194,7 +203,7 @@ class NF4Experts(nn.Module):
         # As Linear4bit: the input in the compute dtype, dequantized inside bitsandbytes' matmul (forward and
         # backward), the frozen weight never receiving a gradient.
         return bnb.matmul_4bit(
-            x.to(self.compute_dtype), param[e].view(-1, 1).t(), quant_state=param.quant_state.experts[e]
+            x.to(self.compute_dtype), param[e].view(-1, 1).t(), quant_state=self.quant_states[name].experts[e]
         )
 
     def forward(self, hidden_states, top_k_index, top_k_weights, lora=None):

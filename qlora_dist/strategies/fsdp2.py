@@ -297,10 +297,14 @@ def _restore_quant_state(model: torch.nn.Module) -> None:
     bitsandbytes keeps a copy on the layer, from which its forward restores the gathered weight too)."""
     import bitsandbytes as bnb
 
+    from ..quant import moe
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "quant_state", None) is not None:
             module.weight.quant_state = module.quant_state
             module.weight.blocksize = module.quant_state.blocksize
+        elif isinstance(module, moe.NF4Experts):
+            module.restore_quant_states()
 
 
 class FSDP2CommCounter:

@@ -1,5 +1,5 @@
-"""Real 2-process runs of mixture-of-experts models with NF4 experts: a tiny Mixtral under DDP and a tiny
-Qwen3-MoE under ZeRO-3, both with LoRA (dropout 0.1) on the attention linears and on every expert.
+"""Real 2-process runs of mixture-of-experts models with NF4 experts: a tiny Mixtral under DDP and FSDP2 and a
+tiny Qwen3-MoE under ZeRO-3, all with LoRA (dropout 0.1) on the attention linears and on every expert.
 
 One run per strategy serves every assertion: the world size the workers saw, a frozen base (experts included)
 that is bit-identical before and after on every rank, identical adapters on every rank, expert LoRA saved
@@ -26,7 +26,11 @@ pytestmark = pytest.mark.distributed
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
 TRAIN = {"max_steps": 4, "optimizer": "adamw", "lr": 1e-2, "save_steps": 2}
-RUNS = {"ddp": ("multi_gpu_ddp.yaml", "tiny_mixtral_dir"), "zero3": ("deepspeed_zero3.yaml", "tiny_qwen3_moe_dir")}
+RUNS = {
+    "ddp": ("multi_gpu_ddp.yaml", "tiny_mixtral_dir"),
+    "zero3": ("deepspeed_zero3.yaml", "tiny_qwen3_moe_dir"),
+    "fsdp2": ("fsdp2.yaml", "tiny_mixtral_dir"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,7 @@ def test_moe_run_trains_experts_lora_and_merges(moe_runs, name):
             assert param.quant_state.quant_type == "nf4" and all(s.nested for s in param.quant_state.experts)
 
     # The frozen base each rank held: at most 0.35 of the fp32 model for the Mixtral shape (DDP: a whole
-    # replica), about half of a whole NF4 replica per rank under ZeRO-3.
+    # replica), about half of a whole NF4 replica per rank under ZeRO-3 and FSDP2 (both shard the packed experts).
     fp32 = sum(t.numel() * 4 for t in load_file(model_dir / "model.safetensors").values())
     whole = model_mod.local_base_bytes(base)
     if name == "ddp":
