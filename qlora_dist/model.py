@@ -169,7 +169,11 @@ def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> 
             "reentrant gradient checkpointing under DDP fails with 'Expected to mark a variable ready only once' "
             "(and needs inputs that require grad): use the non-reentrant mode (reentrant=False)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
