@@ -171,11 +171,15 @@ def _check_data(cfg: RunConfig, holder: dict) -> str:
     from .data import _require_chat_template, check_rows, load_rows
     from .formats import get_format
 
-    rows = load_rows(cfg.data.path)
-    fmt = check_rows(rows, cfg.data.format, cfg.data.path)
-    if get_format(fmt).needs_chat_template:
-        _require_chat_template(holder["tokenizer"])
-    return f"{cfg.data.path}: {len(rows)} rows, {fmt} format, every row has what the format needs"
+    found = []
+    for source in cfg.data.sources():  # data.path, or each of data.datasets in its own format
+        rows = load_rows(source.path)
+        fmt = check_rows(rows, source.format, source.path)
+        if get_format(fmt).needs_chat_template:
+            _require_chat_template(holder["tokenizer"])
+        weight = f", weight {source.weight:g}" if cfg.data.datasets else ""
+        found.append(f"{source.path}: {len(rows)} rows, {fmt} format{weight}")
+    return "; ".join(found) + ", every row has what the format needs"
 
 
 def _check_lora(cfg: RunConfig, holder: dict) -> str:

@@ -38,12 +38,17 @@ def setup_logging(force: bool = True) -> None:
     ``force=False`` (library use) leaves a logging set-up the user's script already made alone.
     """
     rank = int(os.environ.get("RANK", "0"))
-    if force or not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO if rank == 0 else logging.WARNING, format="qlora-dist: %(message)s", force=True
-        )
-    else:
-        logging.getLogger("qlora_dist").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    if force:
+        logging.basicConfig(level=level, format="qlora-dist: %(message)s", force=True)
+    elif not logging.getLogger().handlers and not logging.getLogger("qlora_dist").handlers:
+        # A script that configured no logging: our lines only, so its own logging stays its own.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("qlora-dist: %(message)s"))
+        ours = logging.getLogger("qlora_dist")
+        ours.addHandler(handler)
+        ours.setLevel(level)
+        ours.propagate = False
     debug = debug_requested()
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING if rank == 0 else logging.ERROR)
