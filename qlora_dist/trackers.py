@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def check_tracker_names(names: list[str]) -> None:
 
 def check_installed(names: list[str]) -> None:
     """One line naming the extra to install when a tracker's package is missing (accelerate would drop it)."""
-    from accelerate.utils import get_available_trackers
+    from accelerate.tracking import get_available_trackers
 
     available = {str(t) for t in get_available_trackers()}
     for name in names:
@@ -91,6 +92,10 @@ def start(accelerator, config, ids: dict[str, str], resume_step: int = 0) -> dic
     ids = dict(ids)
     run_name = config.train.run_name or Path(config.output.dir).resolve().name
     init_kwargs: dict[str, dict[str, Any]] = {}
+    tb_dir = Path(config.output.dir) / "runs" / config.train.project
+    if "tensorboard" in names and not resume_step and accelerator.is_main_process and tb_dir.is_dir():
+        # A fresh start in this folder (output.overwrite): the earlier run's events would mix with this one's.
+        shutil.rmtree(tb_dir)
     if "tensorboard" in names and resume_step:
         # Steps after the checkpoint are done again: drop what an interrupted run logged for them.
         init_kwargs["tensorboard"] = {"purge_step": resume_step + 1}
@@ -101,7 +106,11 @@ def start(accelerator, config, ids: dict[str, str], resume_step: int = 0) -> dic
         init_kwargs["mlflow"] = {"run_name": run_name, "run_id": ids.get("mlflow")}
     if resume_step and ids:
         log.info("trackers: continuing run(s) %s", ", ".join(f"{k} {v}" for k, v in sorted(ids.items())))
-    accelerator.init_trackers(config.train.project, config=hyperparameters(config), init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(config.train.project, config=hyperparameters(config), init_kwargs=init_kwargs)
+    except Exception as e:  # the tracker's own set-up (a tracking URI, a login): its message says what to fix
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        raise UserError(f"train.report_to: starting {', '.join(names)} failed: {type(e).__name__}: {first}") from e
     if "mlflow" in names and accelerator.is_main_process:
         ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
     return ids
