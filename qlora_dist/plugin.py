@@ -334,7 +334,9 @@ class QLoRAPlugin:
         )
         steps = stats.get("steps") or 0
         # accelerator.prepare instead of plugin.prepare: the counters never saw the collectives. null, not 0.
-        counted = bool(steps) and self._prepared
+        # The counters only saw this launch's steps: a resumed run divides by those, not by every step of the run.
+        launch_steps = steps - (stats.get("resumed_from_step") or 0)
+        counted = launch_steps > 0 and self._prepared
         comm = strategy.comm_bytes()
         report: dict[str, Any] = {
             "world_size": accelerator.num_processes,
@@ -348,11 +350,11 @@ class QLoRAPlugin:
                 k: self.facts[k]
                 for k in ("trainable_params", "total_params", "trainable_grad_bytes", "full_grad_bytes")
             },
-            "grad_sync_bytes_per_step": comm["grad_sync"] // steps if counted else None,
-            "param_gather_bytes_per_step": comm["param_gather"] // steps if counted else None,
-            "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // steps if counted else None,
+            "grad_sync_bytes_per_step": comm["grad_sync"] // launch_steps if counted else None,
+            "param_gather_bytes_per_step": comm["param_gather"] // launch_steps if counted else None,
+            "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // launch_steps if counted else None,
             "comm_seconds_per_step": [
-                None if r["comm_seconds"] is None or not steps else r["comm_seconds"] / steps for r in per_rank
+                None if r["comm_seconds"] is None or not counted else r["comm_seconds"] / launch_steps for r in per_rank
             ],
             "base_checksum_before": self.facts["base_checksum_before"],
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
