@@ -110,8 +110,10 @@ def test_tensorboard_events_equal_metrics_jsonl(runs):
         assert [v for _, v in logged] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
 
 
-def test_mlflow_holds_one_run_across_both_launches(runs):
+def test_mlflow_holds_one_run_across_both_launches(runs, monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database unless told otherwise
 
     tmp, mlruns, _ = runs
     client = MlflowClient(tracking_uri=mlruns.as_uri())
