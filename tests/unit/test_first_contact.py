@@ -116,3 +116,12 @@ def test_plan_and_check_say_how_to_use_a_local_copy_of_a_hub_model():
         assert proc.returncode in (1, 2) and "Traceback" not in out, out[-2000:]
         assert "hf download meta-llama/Meta-Llama-3-8B --local-dir ./Meta-Llama-3-8B" in out, out[-2000:]
         assert "model.name_or_path=./Meta-Llama-3-8B, a local folder holding config.json" in out
+
+
+def test_readme_unknown_key_example_is_the_real_message(capsys):
+    from qlora_dist.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    shown = next(line for line in readme.splitlines() if line.startswith("qlora-dist: error: unknown key train.lrate"))
+    assert main(["validate", str(REPO / "examples" / "configs" / "tiny.yaml"), "train.lrate=1e-4"]) == 2
+    assert capsys.readouterr().err.strip() == shown
