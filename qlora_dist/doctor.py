@@ -84,6 +84,8 @@ def run_checks(
     env = launch_env(launch_config, num_processes)
     run("launch", lambda: _check_launch(cfg, env))
     run("versions", lambda: _check_versions(env))
+    if cfg.train.report_to:
+        run("trackers", lambda: _check_trackers(cfg))
     model_ok = run("model", lambda: _check_model(cfg, holder))
     tokenizer_ok = run("tokenizer", lambda: _check_tokenizer(cfg, holder))
     if tokenizer_ok:
@@ -146,6 +148,13 @@ def _check_versions(env: Mapping[str, str]) -> str:
             raise UserError(f"{package} {have} is too old: need >= {minimum} for {why}; pip install -U {package}")
         found.append(f"{package} {have}")
     return ", ".join(found)
+
+
+def _check_trackers(cfg: RunConfig) -> str:
+    from .trackers import check_installed
+
+    check_installed(cfg.train.report_to)  # the same one-line error, naming the extra, that train gives
+    return f"{', '.join(cfg.train.report_to)} installed; project {cfg.train.project}"
 
 
 def _check_model(cfg: RunConfig, holder: dict) -> str:

@@ -122,3 +122,14 @@ def test_wandb_offline_run_is_continued_after_a_resume(tmp_path):
     assert sorted(history) == [1, 2, 3, 4]
     assert [history[s]["train/loss"] for s in (1, 2, 3, 4)] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
     assert all("train/grad_norm" not in h for h in history.values())  # null values are left out, not logged as 0
+
+
+def test_check_reports_the_trackers(tiny_llama_dir, demo_data_dir):
+    from qlora_dist.doctor import run_checks
+
+    base = {"model": {"name_or_path": str(tiny_llama_dir)}, "data": {"path": str(demo_data_dir / "text_demo.jsonl")}}
+    findings = {
+        f.check: f for f in run_checks(None, config=load_config(base={**base, "train": {"report_to": ["tensorboard"]}}))
+    }
+    assert findings["trackers"].level == "ok" and "tensorboard installed" in findings["trackers"].message
+    assert "trackers" not in {f.check for f in run_checks(None, config=load_config(base=base))}
