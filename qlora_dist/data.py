@@ -543,7 +543,7 @@ def prepare_sources(
     several machines without a shared filesystem, call this with each node's local main process as main.
 
     Each row has ``input_ids``, ``labels``, ``num_tokens`` (labels that are not ``-100``, for normalizing the
-    loss) and, when packing, ``position_ids``; with several ``data.datasets``, unpacked rows also have ``source``
+    loss) and, when packing, ``position_ids``; with ``data.datasets``, unpacked rows also have ``source``
     (the index of the data set they came from).
 
     Several sources (``data.datasets``) are each read, checked and tokenized in their own format, each holds
@@ -579,7 +579,7 @@ def prepare_sources(
 
 def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> None:
     sources = cfg.sources()
-    if len(sources) == 1:
+    if not cfg.datasets:  # data.path: one file, as it always was (data.datasets of one source still weighs it)
         train, held_out, fmt = _tokenize_source(cfg, sources[0].path, sources[0].format, tokenizer, seed)
         facts = [_source_facts(sources[0], fmt, len(train), len(train), len(held_out))]
     else:
@@ -744,17 +744,17 @@ def _cache_name(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         "version": _CACHE_VERSION,
         # One source keeps the key it always had; several add each one's bytes, format and weight.
         "data": _hash_path(path)
-        if len(sources) == 1
+        if not cfg.datasets
         else [[_hash_path(Path(s.path)), s.format, s.weight] for s in sources],
         "tokenizer": _hash_tokenizer(tokenizer),
-        "format": sources[0].format if len(sources) == 1 else "mixed",
+        "format": sources[0].format if not cfg.datasets else "mixed",
         "max_length": cfg.max_length,
         "packing": cfg.packing,
         "eval_fraction": cfg.eval_fraction,
         "seed": seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return f"{path.stem or 'data'}{'-mix' if len(sources) > 1 else ''}-{digest}"
+    return f"{path.stem or 'data'}{'-mix' if cfg.datasets else ''}-{digest}"
 
 
 def _hash_path(path: Path) -> str:

@@ -94,7 +94,9 @@ def start(accelerator, config, ids: dict[str, str], resume_step: int = 0) -> dic
     init_kwargs: dict[str, dict[str, Any]] = {}
     tb_dir = Path(config.output.dir) / "runs" / config.train.project
     if "tensorboard" in names and not resume_step and accelerator.is_main_process and tb_dir.is_dir():
-        # A fresh start in this folder (output.overwrite): the earlier run's events would mix with this one's.
+        # A fresh start in this folder (output.overwrite, or a run that died before its first checkpoint): the
+        # earlier run's events would mix with this one's step by step.
+        log.info("trackers: fresh start, removing the earlier TensorBoard events in %s", tb_dir)
         shutil.rmtree(tb_dir)
     if "tensorboard" in names and resume_step:
         # Steps after the checkpoint are done again: drop what an interrupted run logged for them.

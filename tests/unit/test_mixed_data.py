@@ -106,3 +106,10 @@ def test_check_validates_every_source(tiny_llama_dir, demo_data_dir, tmp_path):
     base["data"]["datasets"] = sources[:1] + [{"path": str(demo_data_dir / "text_demo.jsonl")}]
     data = {f.check: f for f in run_checks(None, [], config=load_config(base=base))}["data"]
     assert data.level == "ok" and "alpaca format, weight 2" in data.message and "text format" in data.message
+
+
+def test_one_weighted_source_is_weighted(tiny_tokenizer, demo_data_dir, tmp_path):
+    cfg = mixed(demo_data_dir)
+    cfg.datasets = cfg.datasets[1:]  # the completion file alone, weight 2
+    train, _, (only,) = prepare_sources(cfg, tiny_tokenizer, 7, tmp_path, True, lambda: None)
+    assert only["train_examples"] == 2 * only["examples"] == len(train)
