@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the merged model")
     p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--data", help="data file whose first rows are the check sequences (default: random token ids)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip comparing the merged model with base + adapter (for models too large to load twice)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -214,7 +221,9 @@ def cmd_merge(args) -> int:
     _quiet_libraries()
     from .merge import merge_command
 
-    merge_command(args.base, args.adapter, Path(args.out), args.merge_base, args.dtype)
+    merge_command(
+        args.base, args.adapter, Path(args.out), args.merge_base, args.dtype, verify=args.verify, data=args.data
+    )
     return 0
 
 
