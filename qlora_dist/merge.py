@@ -629,15 +629,16 @@ class MergeCheckFailed(RuntimeError):
         )
 
 
-def merge_bound(dtype: torch.dtype) -> float:
-    """The logit-error bound for a merge in ``dtype``."""
-    return MERGE_BOUNDS.get(dtype, MERGE_BOUNDS[torch.bfloat16])
+def merge_bound(*dtypes: torch.dtype) -> float:
+    """The logit-error bound for a merge in the merged model's dtype whose reference logits were computed in the
+    other given dtype (the compute dtype): the looser of their bounds."""
+    return max(MERGE_BOUNDS.get(d, MERGE_BOUNDS[torch.bfloat16]) for d in dtypes)
 
 
-def check_bound(error: float | None, dtype: torch.dtype, method: str) -> None:
-    """Raise :class:`MergeCheckFailed` when ``error`` (None: not checked) exceeds the bound of ``dtype``."""
-    if error is not None and not error <= merge_bound(dtype):  # NaN fails too
-        raise MergeCheckFailed(error, merge_bound(dtype), dtype, method)
+def check_bound(error: float | None, bound: float, dtype: torch.dtype, method: str) -> None:
+    """Raise :class:`MergeCheckFailed` when ``error`` (None: not checked) exceeds ``bound``."""
+    if error is not None and not error <= bound:  # NaN fails too
+        raise MergeCheckFailed(error, bound, dtype, method)
 
 
 @contextmanager
@@ -682,12 +683,12 @@ def _merge_into(
     trust_remote_code: bool,
     check: tuple[list[torch.Tensor], list[torch.Tensor], torch.device] | None = None,
     method: str = "auto",
-    bounded: bool = True,
+    bound: float | None = None,
 ) -> tuple[str, float | None]:
     """Merge into the empty ``folder`` by streaming when possible (``method="auto"``), else in memory; return
     (method used, logit error against ``check = (batches, reference logits, device)``, None without a check).
     ``method="in-memory"`` forces the in-memory path; ``"streaming"`` raises when streaming is impossible.
-    ``bounded``: an error over :data:`MERGE_BOUNDS` raises :class:`MergeCheckFailed` (the folder is then dropped)."""
+    An error over ``bound`` (None: not bounded) raises :class:`MergeCheckFailed` (the folder is then dropped)."""
     if method not in ("auto", "streaming", "in-memory"):
         raise ValueError(f"method={method!r}: choose auto, streaming or in-memory")
     blocker = "dequantized weights given in memory" if isinstance(base_spec, dict) else None
@@ -708,8 +709,8 @@ def _merge_into(
             counts["tensors"], counts["shards"], counts["quantized"], counts["merged"],
         )  # fmt: skip
         error = _check_saved(folder, dtype, check, trust_remote_code) if check else None
-        if bounded:
-            check_bound(error, dtype, "streaming")
+        if bound is not None:
+            check_bound(error, bound, dtype, "streaming")
         return "streaming", error
     if not isinstance(base_spec, dict):
         log.info("merging in memory: %s", blocker)
@@ -723,8 +724,8 @@ def _merge_into(
     if check:
         batches, reference, _ = check
         error = relative_error(reference, logits_of(merged, batches))
-        if bounded:
-            check_bound(error, dtype, "in-memory")  # before a byte is written
+        if bound is not None:
+            check_bound(error, bound, dtype, "in-memory")  # before a byte is written
     _save_in_memory(merged, tokenizer, folder)
     return "in-memory", error
 
@@ -763,6 +764,7 @@ def merge_trained(
     trust_remote_code: bool = False,
     rank: int = 0,
     check_device: torch.device | str = "cpu",
+    reference_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Merge on the calling (main) process and verify against the QLoRA model's logits.
 
@@ -770,7 +772,8 @@ def merge_trained(
     checkpoint: streaming, nothing gathered), the trained-against NF4 weights already dequantized (a dict: the
     in-memory path), or None to merge into the original weights. ``reference_logits`` are the QLoRA model's
     (NF4 base + adapter) logits on ``check_batches``, computed before the merge; the merged model is compared
-    on ``check_device``. Returns ``run_report.json``'s ``merge`` section.
+    on ``check_device``; ``reference_dtype`` is the dtype they were computed in (default ``dtype``), which with
+    ``dtype`` sets the bound (:func:`merge_bound`). Returns ``run_report.json``'s ``merge`` section.
 
     Into the dequantized base, an error over :data:`MERGE_BOUNDS` leaves no ``merged/`` and the section says
     ``verified: false`` with ``path: null`` (the caller fails the run). Into the original weights the merged
@@ -779,12 +782,13 @@ def merge_trained(
     start = time.perf_counter()
     base = "original" if dequantized is None else "dequantized"
     check = (check_batches, reference_logits, torch.device(check_device)) if check_batches else None
+    bound = merge_bound(dtype, reference_dtype or dtype) if base == "dequantized" else None
     failed: MergeCheckFailed | None = None
     try:
         with staged(Path(out_dir)) as tmp:
             method, error = _merge_into(
                 tmp, Path(adapter_dir), dequantized, base_path, dtype, tokenizer, trust_remote_code, check,
-                bounded=base == "dequantized",
+                bound=bound,
             )  # fmt: skip
     except MergeCheckFailed as e:
         failed, method, error = e, e.method, e.error
@@ -806,7 +810,7 @@ def merge_trained(
         "method": method,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,
-        "bound": merge_bound(dtype) if base == "dequantized" else None,
+        "bound": bound,
         "verified": verified,
         "checked_sequences": sum(int(b.shape[0]) for b in check_batches),
         "seconds": round(seconds, 3),
@@ -873,16 +877,19 @@ def merge_command(
         check = (batches, reference_logits(base, adapter_dir, nf4, compute, device, batches), device)
     else:
         log.warning("--no-verify: the merged model is NOT compared with base + adapter")
+    bound = merge_bound(dtype, compute)
     try:
         with staged(out) as tmp:
-            method, error = _merge_into(tmp, adapter_dir, nf4, base, dtype, tokenizer, False, check, method=method)
+            method, error = _merge_into(
+                tmp, adapter_dir, nf4, base, dtype, tokenizer, False, check, method=method, bound=bound
+            )
             info = {
                 "base": merge_base,
                 "method": method,
                 "dtype": str(dtype).replace("torch.", ""),
                 "verified": error is not None,
                 "rel_logit_error": error,
-                "bound": merge_bound(dtype),
+                "bound": bound,
                 "reference": ("NF4 base" if nf4 is not None else "original base") + " + adapter, unmerged",
                 "checked_sequences": sum(int(b.shape[0]) for b in check[0]) if check else 0,
                 "check_data": data if check else None,
@@ -893,7 +900,7 @@ def merge_command(
         raise UserError(
             f"{e}: nothing written to --out {out}; the adapter or base do not match (see --debug)"
         ) from None
-    error_text = "not verified" if error is None else f"relative logit error {error:.2e} (bound {merge_bound(dtype):g})"
+    error_text = "not verified" if error is None else f"relative logit error {error:.2e} (bound {bound:g})"
     log.info(
         "merged %s into %s (%s base, %s, %s) -> %s; %s",
         adapter_dir,

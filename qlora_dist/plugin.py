@@ -312,6 +312,7 @@ class QLoRAPlugin:
                 cfg.model.trust_remote_code,
                 rank=accelerator.process_index,
                 check_device=accelerator.device,
+                reference_dtype=self.compute_dtype,
             )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
