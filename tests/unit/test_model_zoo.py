@@ -153,12 +153,11 @@ def test_family_trains_as_verified_qlora_or_is_refused(
     reference = logits(qlora, batches)
 
     merged_again = tmp_path / "merged_again"
-    assert (
-        cli_main(["merge", "--base", str(model_dir), "--adapter", str(out / "adapter"), "--out", str(merged_again)])
-        == 0
-    )
+    args = ["merge", "--base", str(model_dir), "--adapter", str(out / "adapter"), "--out", str(merged_again)]
+    assert cli_main([*args, "--data", str(small_alpaca_rows)]) == 0
     merge_report = json.loads((merged_again / merge_mod.MERGE_REPORT).read_text())
     assert merge_report["verified"] is True and merge_report["rel_logit_error"] <= BOUND
+    assert merge_report["check_data"] == str(small_alpaca_rows) and merge_report["checked_sequences"] == 4
     for folder in (out / "merged", merged_again):
         plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         assert type(plain).__name__ == type(qlora.get_base_model()).__name__
@@ -236,6 +235,29 @@ def test_targets_resolve_to_real_names_and_an_empty_resolution_is_an_error(zoo):
             bare.set_submodule(name, torch.nn.Identity())
     with pytest.raises(ConfigError, match="no linear layer LoRA can target"):
         resolve_targets(bare, LoraConfig())
+
+
+def test_moe_routers_are_not_lora_targets():
+    """A router written as an nn.Linear (``gate`` beside ``experts``, or ``router``) is left out of all-linear; a
+    dense MLP's ``gate`` is a real projection and stays."""
+    from torch import nn
+
+    from qlora_dist.model import linear_layer_names
+
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 4)
+            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            self.router = nn.Linear(8, 4)
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    assert linear_layer_names(Moe()) == ["0", "1", "2", "3"]
+    assert linear_layer_names(Dense()) == ["gate", "up"]
 
 
 def test_a_peft_error_during_set_up_is_one_config_error_line(zoo, monkeypatch):
