@@ -22,7 +22,10 @@ Two ways to get there, with bit-identical results:
   is loaded, the dequantized weights copied in, and peft's ``merge_and_unload`` folds the adapter in.
 
 The merged folder is written under a temporary name and renamed into place, so there is never a
-half-written ``merged/``.
+half-written ``merged/``. Before the rename, its logits are compared with base + adapter unmerged (training's
+merge and ``qlora-dist merge`` alike); over :data:`MERGE_BOUNDS` the folder is dropped, not kept. GPT-2's Conv1D
+weights are (in, out) in the checkpoint and (out, in) in the 4-bit layer: both paths write them back transposed
+(``quant/layers.py``).
 """
 
 from __future__ import annotations

@@ -233,11 +233,14 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .merge import _without_zero3_init
     from .quant.layers import plain_linear_layers
 
     check_model_path(cfg)
     config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-    with init_empty_weights(), plain_linear_layers(config.model_type):  # as load_quantized_model builds it
+    # Never under ZeRO-3's zero.Init (a run's DeepSpeed config is registered by then): it would try to partition
+    # meta tensors. Linear classes as load_quantized_model builds them.
+    with _without_zero3_init(), init_empty_weights(), plain_linear_layers(config.model_type):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
