@@ -146,7 +146,7 @@ class SlurmCluster:
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={r}/state",
@@ -168,6 +168,8 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill",
+            # A requeued job becomes eligible again without an event: look every second, not every 30-60 s.
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             "PreemptType=preempt/partition_prio",
             "PreemptMode=REQUEUE",
             "ReturnToService=2",

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,16 +89,6 @@ def write_job(folder: Path, tiny_llama_dir: Path, data: Path, name: str) -> tupl
     return script, out
 
 
-def job_logs(folder: Path, name: str, job_id: str) -> tuple[str, str]:
-    """The job's .out and .err, appended to across its requeues."""
-
-    def read(ext: str) -> str:
-        path = folder / f"{name}-{job_id}.{ext}"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    return read("out"), read("err")
-
-
 def steps_logged(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.is_file():
@@ -128,95 +119,110 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+@dataclass
+class Job:
+    name: str
+    folder: Path
+    out: Path
+    id: str
+
+    def logs(self) -> tuple[str, str]:
+        """The job's .out and .err, appended to across its requeues."""
+        read = lambda ext: (self.folder / f"{self.name}-{self.id}.{ext}").read_text(errors="replace")  # noqa: E731
+        return read("out"), read("err")
+
+    def detail(self, info: dict[str, str]) -> str:
+        out, err = self.logs()
+        return f"{info}\n--- {self.name}.out:\n{out[-3000:]}\n--- {self.name}.err:\n{err[-6000:]}"
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir):
-    """One job that runs to the end. Submitted with the next test's job, it runs beside it (one CPU of each node
-    each) while that one waits out its requeues; the test after checks it."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    script, out = write_job(folder, tiny_llama_dir, small_alpaca, "whole")
-    job_id = cluster.submit(script, job_env(cache_dir))
-    return folder, out, job_id
+def jobs(cluster, tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir) -> dict[str, Job]:
+    """Three jobs submitted at once, side by side on the two nodes (one CPU of each node each): ``whole`` runs
+    to the end, ``stopped`` is stopped three times, ``cancelled`` is cancelled (both by the first test)."""
+    submitted = {}
+    for name in ("whole", "stopped", "cancelled"):
+        folder = tmp_path_factory.mktemp(name)
+        script, out = write_job(folder, tiny_llama_dir, small_alpaca, name)
+        submitted[name] = Job(name, folder, out, cluster.submit(script, job_env(cache_dir)))
+    return submitted
 
 
-def test_stopped_three_ways_resumes_to_the_same_adapter(
-    cluster, uninterrupted, tmp_path, tiny_llama_dir, small_alpaca, cache_dir
-):
-    folder = tmp_path / "stopped"
-    script, out = write_job(folder, tiny_llama_dir, small_alpaca, "stopped")
-    job_id = cluster.submit(script, job_env(cache_dir))
+def test_stopped_three_ways_resumes_to_the_same_adapter(cluster, jobs):
+    job, cancelled, whole = jobs["stopped"], jobs["cancelled"], jobs["whole"]
 
-    # 1. The script's own warning: USR1 to the batch shell only, as --signal=B:USR1@S sends it.
-    wait_training(cluster, job_id, out, restarts=0)
-    cluster.client("scancel", "--batch", "--signal=USR1", job_id)
+    # 1. The script's own warning: USR1 to the batch shell only, as --signal=B:USR1@S sends it. And scancel for
+    #    the job the last test checks.
+    wait_training(cluster, job.id, job.out, restarts=0)
+    cluster.client("scancel", "--batch", "--signal=USR1", job.id)
+    wait_training(cluster, cancelled.id, cancelled.out, restarts=0)
+    cluster.client("scancel", cancelled.id)
     # 2. SLURM requeues it itself: SIGTERM to the batch shell and the steps.
-    wait_training(cluster, job_id, out, restarts=1)
-    cluster.client("scontrol", "requeue", job_id)
-    # 3. A job in the higher-priority partition needs both nodes: PreemptMode=REQUEUE.
-    wait_training(cluster, job_id, out, restarts=2)
-    whole_folder, whole_out, whole_id = uninterrupted
-    whole = cluster.wait_finished(whole_id, JOB_TIMEOUT_S)  # or it would be preempted too
-    assert steps_logged(out) < TRAIN["max_steps"], "the stopped job finished before it could be preempted"
-    high = folder / "high.sbatch"
+    wait_training(cluster, job.id, job.out, restarts=1)
+    cluster.client("scontrol", "requeue", job.id)
+    # 3. A job in the higher-priority partition needs both nodes whole: PreemptMode=REQUEUE.
+    wait_training(cluster, job.id, job.out, restarts=2)
+    for other in (whole, cancelled):  # or they would be preempted too
+        cluster.wait_finished(other.id, JOB_TIMEOUT_S)
+    assert steps_logged(job.out) < TRAIN["max_steps"], "the stopped job finished before it could be preempted"
+    high = job.folder / "high.sbatch"
     high.write_text("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --partition=high\n#SBATCH --output=/dev/null\ntrue\n")
-    high_id = cluster.submit(high, job_env(cache_dir))
+    high_id = cluster.submit(high, {"PATH": os.environ.get("PATH", "")})
 
-    info = cluster.wait_finished(job_id, JOB_TIMEOUT_S)
-    stdout, stderr = job_logs(folder, "stopped", job_id)
-    detail = f"{info}\n{stdout[-4000:]}\n{stderr[-6000:]}"
+    info = cluster.wait_finished(job.id, JOB_TIMEOUT_S)
+    detail = job.detail(info)
     assert cluster.wait_finished(high_id, 60)["JobState"] == "COMPLETED"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", detail
     assert int(info["Restarts"]) >= 3, detail
 
-    # Each stop checkpointed at a step boundary with SIGTERM (never USR1, which torchrun dies of), and resumed
-    # from that step.
+    # Each stop checkpointed at a step boundary with SIGTERM (never USR1, which torchrun dies of), and the next
+    # allocation resumed from that step.
+    stdout, stderr = job.logs()
     stops = [int(s) for s in re.findall(r"preempted by SIGTERM at step (\d+)", stderr)]
     assert len(stops) == 3 and stops == sorted(stops) and stops[0] > 0 and stops[-1] < TRAIN["max_steps"], detail
+    resumed = [int(s) for s in re.findall(r"resumed from \S+: step (\d+)", stderr)]
+    assert resumed == stops, detail
     assert "received SIGUSR1" not in stderr, detail
     assert stderr.count("SIGUSR1: SIGTERM to the steps of job") == 1, detail
-    assert stdout.count(f"requeueing job {job_id}") == 1, detail  # the USR1 stop; SLURM requeued the others
+    assert stdout.count(f"requeueing job {job.id}") == 1, detail  # the USR1 stop; SLURM requeued the others
     assert stderr.count("not requeueing it from here") == 2, detail
-    report = read_report(out)
+    report = read_report(job.out)
     assert report["world_size"] == 2 and report["steps"] == TRAIN["max_steps"], detail
     assert report["resumed_from_step"] == stops[-1], detail
-    assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
+    assert (job.out / "DONE").is_file() and not (job.out / "PREEMPTED").exists()
 
     # Bit for bit the adapter of the job that was never stopped.
-    assert whole["JobState"] == "COMPLETED" and whole["Restarts"] == "0", whole
-    a, b = adapter(out), adapter(whole_out)
+    assert cluster.job(whole.id)["JobState"] == "COMPLETED"
+    a, b = adapter(job.out), adapter(whole.out)
     assert a.keys() == b.keys() and a
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_uninterrupted_job_is_one_two_rank_run(cluster, uninterrupted):
-    folder, out, job_id = uninterrupted
-    info = cluster.wait_finished(job_id, JOB_TIMEOUT_S)
-    stdout, stderr = job_logs(folder, "whole", job_id)
-    detail = f"{info}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+def test_uninterrupted_job_is_one_two_rank_run(cluster, jobs):
+    job = jobs["whole"]
+    info = cluster.wait_finished(job.id, JOB_TIMEOUT_S)
+    detail = job.detail(info)
+    stdout, _ = job.logs()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", detail
     assert info["NodeList"] == "n[1-2]", detail
     # The node names are not host names: the rendezvous address is n1's NodeAddr.
     assert re.search(r"main n1 at 127\.0\.0\.1:\d+", stdout), detail
     assert "node 0 of 2" in stdout and "node 1 of 2" in stdout, detail  # each task read its own SLURM_NODEID
-    report = read_report(out)
+    report = read_report(job.out)
     assert report["world_size"] == 2 and report["distributed_type"] == "MULTI_CPU", detail
     assert len(set(report["lora_checksum_per_rank"])) == 1 and report["data_shards"]["disjoint"] is True
     assert report["steps"] == TRAIN["max_steps"] and report["resumed_from_step"] is None
-    assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
+    assert (job.out / "DONE").is_file() and not (job.out / "PREEMPTED").exists()
     assert "the run finished (DONE)" in stdout and "requeue" not in stdout
 
 
-def test_scancel_checkpoints_and_does_not_requeue(cluster, tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
-    folder = tmp_path / "cancelled"
-    script, out = write_job(folder, tiny_llama_dir, small_alpaca, "cancelled")
-    job_id = cluster.submit(script, job_env(cache_dir))
-    wait_training(cluster, job_id, out, restarts=0)
-    cluster.client("scancel", job_id)
-    info = cluster.wait_finished(job_id, JOB_TIMEOUT_S)
-    stdout, stderr = job_logs(folder, "cancelled", job_id)
-    detail = f"{info}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+def test_scancel_checkpoints_and_does_not_requeue(cluster, jobs):
+    job = jobs["cancelled"]
+    info = cluster.wait_finished(job.id, JOB_TIMEOUT_S)
+    detail = job.detail(info)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", detail
-    marker = json.loads((out / "PREEMPTED").read_text())
+    marker = json.loads((job.out / "PREEMPTED").read_text())
     assert marker["signal"] == "SIGTERM" and 0 < marker["step"] < TRAIN["max_steps"], detail
-    assert (checkpoints_dir(out) / f"step-{marker['step']}").is_dir(), detail  # the one PREEMPTED points to
-    assert not (out / "DONE").exists() and "not requeueing it from here" in stderr, detail
+    assert (checkpoints_dir(job.out) / f"step-{marker['step']}").is_dir(), detail
+    assert not (job.out / "DONE").exists() and "not requeueing it from here" in job.logs()[1], detail
