@@ -278,3 +278,83 @@ class SlurmCluster:
             if text.strip():
                 parts.append(f"--- {path.name}:\n{text}")
         return "\n".join(parts)
+
+
+# A probe of srun's signal semantics, run on the real srun (test_slurm_real.py) and on the stand-in
+# (test_multinode.py) alike, so that the stand-in is held to what the real one does.
+
+PROBE_TASK = """
+import os, signal, sys
+log = open(os.path.join(sys.argv[1], "task%s.log" % os.environ["SLURM_NODEID"]), "a", buffering=1)
+def on_term(signum, frame):
+    log.write("got TERM\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+log.write("started\\n")
+while True:
+    signal.pause()
+"""
+
+PROBE_BATCH = """#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+# One task per node that logs the SIGTERM it gets; this shell logs its own and srun's exit status.
+trap 'echo "batch got TERM" >> "$PROBE/batch.log"' TERM
+srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 {python} "$PROBE/task.py" "$PROBE" &
+srun_pid=$!
+echo "$srun_pid" > "$PROBE/srun.pid"
+wait "$srun_pid"
+status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; status=$?; done
+echo "srun exited $status" >> "$PROBE/batch.log"
+"""
+
+
+def write_probe(folder: Path, python: str) -> Path:
+    """The probe's batch script (needs ``PROBE=folder`` in its environment) and task, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.py").write_text(PROBE_TASK)
+    script = folder / "probe.sbatch"
+    script.write_text(PROBE_BATCH.format(python=python))
+    script.chmod(0o755)
+    return script
+
+
+def probe_log(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.log"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def wait_probe_started(folder: Path, timeout: float = 60) -> int:
+    """Until both tasks run; returns srun's PID."""
+    deadline = time.monotonic() + timeout
+    while not all(probe_log(folder, f"task{i}") for i in range(2)) or not (folder / "srun.pid").is_file():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"probe tasks not started after {timeout} s: {sorted(os.listdir(folder))}")
+        time.sleep(0.1)
+    return int((folder / "srun.pid").read_text())
+
+
+def wait_probe_ended(folder: Path, timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith("srun exited") for line in probe_log(folder, "batch")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"probe batch shell did not end after {timeout} s: {probe_log(folder, 'batch')}")
+        time.sleep(0.1)
+    return probe_log(folder, "batch")
+
+
+def assert_probe(folder: Path, how: str) -> None:
+    """What srun does, ``how`` the tasks were signalled:
+
+    - ``kill srun`` (SIGTERM to srun): srun SIGKILLs its tasks, whose handler never runs, and exits non-zero;
+    - ``scancel --signal=TERM JOB`` (to the job's steps): each task gets SIGTERM and handles it, srun exits with
+      their status (0), and the batch shell gets nothing.
+    """
+    batch = wait_probe_ended(folder)
+    tasks = [probe_log(folder, f"task{i}") for i in range(2)]
+    assert "batch got TERM" not in batch, (how, batch, tasks)
+    if how == "kill srun":
+        assert tasks == [["started"], ["started"]] and batch[-1] != "srun exited 0", (how, batch, tasks)
+    else:
+        assert tasks == [["started", "got TERM"]] * 2 and batch[-1] == "srun exited 0", (how, batch, tasks)

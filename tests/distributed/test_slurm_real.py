@@ -4,7 +4,8 @@ See ``slurm_cluster.py`` for the cluster. The script is generated for CPU nodes 
 process per node) and submitted with sbatch; every check reads what SLURM and the run left behind:
 
 - what the design rests on, shown on real srun with a task that traps SIGTERM: SIGTERM to srun SIGKILLs the tasks
-  (their handler never runs), while ``scancel --signal=TERM JOB`` reaches the tasks and spares the batch shell;
+  (their handler never runs), while ``scancel --signal=TERM JOB`` reaches the tasks and spares the batch shell
+  (the same probe holds the stand-in srun of ``test_multinode.py`` to this);
 - an uninterrupted 2-node job: COMPLETED, one 2-rank run (world size 2), DONE, main address from NodeAddr;
 - one job stopped three ways in turn, each mid-run: the script's own warning (``scancel --batch --signal=USR1``,
   what ``--signal=B:USR1@S`` sends), so the script checkpoints and requeues it; ``scontrol requeue``; preemption
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from qlora_dist.checkpoint import checkpoints_dir
 from qlora_dist.slurm import SlurmJob, sbatch_script
 
 from .conftest import LAUNCH_CONFIGS, read_report, run_env, write_run_config
-from .slurm_cluster import SlurmCluster, ensure_slurm
+from .slurm_cluster import SlurmCluster, assert_probe, ensure_slurm, wait_probe_started, write_probe
 
 pytestmark = pytest.mark.distributed
 
@@ -117,6 +119,20 @@ def wait_training(cluster: SlurmCluster, job_id: str, out: Path, restarts: int) 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("how", ["kill srun", "scancel --signal=TERM"])
+def test_srun_passes_no_sigterm_on_but_scancel_signals_the_steps(cluster, tmp_path, how):
+    """What the script's trap is built on; the stand-in srun of test_multinode.py is held to the same probe."""
+    script = write_probe(tmp_path, sys.executable)
+    job_id = cluster.submit(script, {"PATH": os.environ.get("PATH", ""), "PROBE": str(tmp_path)})
+    srun_pid = wait_probe_started(tmp_path)
+    if how == "kill srun":
+        os.kill(srun_pid, signal.SIGTERM)  # srun runs on this machine, under n1's slurmstepd
+    else:
+        cluster.client("scancel", "--signal=TERM", job_id)
+    assert_probe(tmp_path, how)
+    assert cluster.wait_finished(job_id, 60)["JobState"] == "COMPLETED"
 
 
 @dataclass
