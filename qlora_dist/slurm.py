@@ -125,6 +125,13 @@ def sbatch_script(job: SlurmJob) -> str:
             "the run would be told to stop before it starts"
         )
     config = load_config(job.config, job.overrides)  # validated here, not hours later in the queue
+    if config.output.overwrite or config.train.resume != "auto":
+        # A requeued allocation runs the same command: it must pick up the checkpoint, not start over.
+        setting = "output.overwrite=true" if config.output.overwrite else f"train.resume={config.train.resume}"
+        raise UserError(
+            f"{job.config}: {setting} would make every requeue of this job start over (or stop): "
+            "pass output.overwrite=false train.resume=auto, or use another output.dir"
+        )
     launch = _read_launch_config(job.launch_config)
     _check_strategy(config.train.strategy, launch, job.launch_config)
 

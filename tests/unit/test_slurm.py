@@ -161,6 +161,10 @@ def test_input_errors(run_config):
         render(run_config, partition="a b")
     with pytest.raises(UserError, match="--extra-sbatch"):
         render(run_config, extra_sbatch=["exclusive"])
+    with pytest.raises(UserError, match="output.overwrite=true would make every requeue"):
+        render(run_config, overrides=["output.overwrite=true"])
+    with pytest.raises(UserError, match="train.resume=never would make every requeue"):
+        render(run_config, overrides=["train.resume=never"])
     with pytest.raises(UserError, match="--gpus-per-node -1: must be 0 "):
         render(run_config, gpus_per_node=-1)
     with pytest.raises(UserError, match="--processes-per-node 0"):
