@@ -75,7 +75,7 @@ class SlurmCluster:
     (``OverSubscribe=EXCLUSIVE``) and requeues what runs in ``test``.
     """
 
-    def __init__(self, root: Path, kill_wait: int = 30):
+    def __init__(self, root: Path, kill_wait: int = 120):
         self.root = root
         self.conf = root / "slurm.conf"
         self.kill_wait = kill_wait
@@ -174,6 +174,8 @@ class SlurmCluster:
             "PreemptMode=REQUEUE",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # the configured CPUs, whatever this machine has
+            # From SIGTERM to SIGKILL when SLURM ends a job: a stopped run needs one step, a checkpoint and its exit.
+            # 30 s (SLURM's default) was too short once on a 2-core machine running four of these jobs at once.
             f"KillWait={self.kill_wait}",
             "MinJobAge=3600",  # finished jobs stay visible to scontrol show job (no accounting here)
             "InactiveLimit=0",

@@ -73,7 +73,7 @@ def job_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
-def write_job(folder: Path, tiny_llama_dir: Path, data: Path, name: str) -> tuple[Path, Path]:
+def write_job(folder: Path, tiny_llama_dir: Path, data: Path, name: str, **options) -> tuple[Path, Path]:
     """A run config and its generated CPU script in ``folder``; returns (script, output dir)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "out"
@@ -85,6 +85,7 @@ def write_job(folder: Path, tiny_llama_dir: Path, data: Path, name: str) -> tupl
         launch_config=str(LAUNCH_CONFIGS / "multi_gpu_ddp.yaml"),
         job_name=name,
         log_dir=str(folder),
+        **options,
     )
     script = folder / "job.sbatch"
     script.write_text(sbatch_script(job))
@@ -154,14 +155,63 @@ class Job:
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir) -> dict[str, Job]:
-    """Three jobs submitted at once, side by side on the two nodes (one CPU of each node each): ``whole`` runs
-    to the end, ``stopped`` is stopped three times, ``cancelled`` is cancelled (both by the first test)."""
+    """Jobs submitted at once, side by side on the two nodes (one CPU of each node each): ``whole`` runs to the
+    end, ``stopped`` is stopped three times, ``cancelled`` is cancelled (both by the first test), ``timed`` meets
+    its time limit with a stand-in for the training run."""
     submitted = {}
-    for name in ("whole", "stopped", "cancelled"):
+    for name in ("whole", "stopped", "cancelled", "timed"):
         folder = tmp_path_factory.mktemp(name)
-        script, out = write_job(folder, tiny_llama_dir, small_alpaca, name)
-        submitted[name] = Job(name, folder, out, cluster.submit(script, job_env(cache_dir)))
+        env = job_env(cache_dir)
+        options = {}
+        if name == "timed":
+            options = {"time": "1", "signal_seconds": TIMED_SIGNAL_S}
+            env["PATH"] = os.pathsep.join([str(write_fake_accelerate(folder / "bin")), env["PATH"]])
+        script, out = write_job(folder, tiny_llama_dir, small_alpaca, name, **options)
+        env["FAKE_OUT"] = str(out)
+        submitted[name] = Job(name, folder, out, cluster.submit(script, env))
     return submitted
+
+
+# The time limit's warning, with a stand-in for the training run (nothing to compute while SLURM's clock runs):
+# slurmctld looks at time limits about every 30 s, so the warning comes 30-60 s into a 1-minute job.
+TIMED_SIGNAL_S = 45
+FAKE_ACCELERATE = """#!/bin/bash
+# Stand-in for `accelerate launch ... -m qlora_dist train`: the first allocation waits for SIGTERM and leaves
+# PREEMPTED as a stopped run does; a requeued one finishes (DONE) at once.
+log="$FAKE_OUT/../fake-$SLURM_NODEID.log"
+mkdir -p "$FAKE_OUT"
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+  if [ "$SLURM_NODEID" = 0 ]; then echo '{"step": 2}' > "$FAKE_OUT/DONE"; fi
+  echo "allocation $SLURM_RESTART_COUNT: done" >> "$log"
+  exit 0
+fi
+trap 'echo "got USR1" >> "$log"' USR1
+trap 'echo "got TERM" >> "$log"; if [ "$SLURM_NODEID" = 0 ]; then echo "{\"step\": 1, \"signal\": \"SIGTERM\"}" > "$FAKE_OUT/PREEMPTED"; fi; exit 1' TERM
+echo "allocation 0: waiting" >> "$log"
+while :; do sleep 0.2; done
+"""
+
+
+def write_fake_accelerate(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "accelerate").write_text(FAKE_ACCELERATE)
+    (folder / "accelerate").chmod(0o755)
+    return folder
+
+
+def test_time_limit_warning_stops_the_steps_and_requeues(cluster, jobs):
+    """--signal=B:USR1@45 with --time=1: the batch shell is warned, the tasks get SIGTERM (never USR1), the job
+    is requeued before its limit, and the next allocation runs."""
+    job = jobs["timed"]
+    info = cluster.wait_finished(job.id, 150)
+    detail = job.detail(info)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1 and info["ExitCode"] == "0:0", detail
+    for node in (0, 1):
+        lines = (job.folder / f"fake-{node}.log").read_text().splitlines()
+        assert lines == ["allocation 0: waiting", "got TERM", "allocation 1: done"], (node, lines, detail)
+    stdout, stderr = job.logs()
+    assert "SIGUSR1: SIGTERM to the steps of job" in stderr and f"requeueing job {job.id}" in stdout, detail
+    assert "DUE TO TIME LIMIT" not in stderr and (job.out / "DONE").is_file(), detail
 
 
 def test_stopped_three_ways_resumes_to_the_same_adapter(cluster, jobs):
@@ -178,7 +228,7 @@ def test_stopped_three_ways_resumes_to_the_same_adapter(cluster, jobs):
     cluster.client("scontrol", "requeue", job.id)
     # 3. A job in the higher-priority partition needs both nodes whole: PreemptMode=REQUEUE.
     wait_training(cluster, job.id, job.out, restarts=2)
-    for other in (whole, cancelled):  # or they would be preempted too
+    for other in (whole, cancelled, jobs["timed"]):  # or they would be preempted too
         cluster.wait_finished(other.id, JOB_TIMEOUT_S)
     assert steps_logged(job.out) < TRAIN["max_steps"], "the stopped job finished before it could be preempted"
     high = job.folder / "high.sbatch"
