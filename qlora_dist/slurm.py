@@ -263,7 +263,7 @@ _TEMPLATE = r"""#!/bin/bash
 # (run in the directory to submit from: the paths here are relative to it; the repository root for the shipped
 # examples). Regenerate rather than edit: output.dir below was resolved from the run config and its overrides.
 #
-# One srun task per node runs `accelerate launch` for that node's GPUs; the nodes meet at the first node of the
+# One srun task per node runs `accelerate launch` for that node's processes; the nodes meet at the first node of the
 # allocation. @SIGNAL_SECONDS@ s before the time limit SLURM sends SIGUSR1 to this shell only; the trap below has
 # SLURM send SIGTERM to the job's steps, every rank checkpoints at its next optimizer step and the run leaves
 # PREEMPTED in its output folder; the script then requeues the job and the next allocation resumes from that
