@@ -286,10 +286,12 @@ class SlurmCluster:
 # (test_multinode.py) alike, so that the stand-in is held to what the real one does.
 
 PROBE_TASK = """
-import os, signal, sys
+import os, signal, sys, time
 log = open(os.path.join(sys.argv[1], "task%s.log" % os.environ["SLURM_NODEID"]), "a", buffering=1)
-def on_term(signum, frame):
+def on_term(signum, frame):  # a stopping run: one more step and a checkpoint take a few seconds
     log.write("got TERM\\n")
+    time.sleep(3)
+    log.write("saved\\n")
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
 log.write("started\\n")
@@ -349,14 +351,16 @@ def wait_probe_ended(folder: Path, timeout: float = 60) -> list[str]:
 def assert_probe(folder: Path, how: str) -> None:
     """What srun does, ``how`` the tasks were signalled:
 
-    - ``kill srun`` (SIGTERM to srun): srun SIGKILLs its tasks, whose handler never runs, and exits non-zero;
-    - ``scancel --signal=TERM JOB`` (to the job's steps): each task gets SIGTERM and handles it, srun exits with
-      their status (0), and the batch shell gets nothing.
+    - ``kill srun`` (SIGTERM to srun): srun SIGKILLs its tasks ("forcing job termination"), none of which gets to
+      finish a stop (real srun's tasks may see a SIGTERM first, the stand-in's do not), and exits non-zero;
+    - ``scancel --signal=TERM JOB`` (to the job's steps): each task gets SIGTERM and finishes its stop, srun exits
+      with their status (0), and the batch shell gets nothing.
     """
     batch = wait_probe_ended(folder)
     tasks = [probe_log(folder, f"task{i}") for i in range(2)]
     assert "batch got TERM" not in batch, (how, batch, tasks)
     if how == "kill srun":
-        assert tasks == [["started"], ["started"]] and batch[-1] != "srun exited 0", (how, batch, tasks)
+        assert all(lines[0] == "started" and "saved" not in lines for lines in tasks), (how, batch, tasks)
+        assert batch[-1] != "srun exited 0", (how, batch, tasks)
     else:
-        assert tasks == [["started", "got TERM"]] * 2 and batch[-1] == "srun exited 0", (how, batch, tasks)
+        assert tasks == [["started", "got TERM", "saved"]] * 2 and batch[-1] == "srun exited 0", (how, batch, tasks)
