@@ -219,9 +219,16 @@ def _check_strategy(strategy: str, launch: dict, path: str) -> None:
     """The run config's train.strategy must agree with the launch config (the run would refuse to start)."""
     dtype = str(launch.get("distributed_type", "")).upper()
     stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
-    if dtype not in ("MULTI_GPU", "DEEPSPEED", "NO"):
-        raise UserError(f"{path}: distributed_type {dtype} is not supported here (use a DDP or DeepSpeed config)")
-    wants = {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}.get(strategy)
+    if dtype not in ("MULTI_GPU", "DEEPSPEED", "FSDP", "NO"):
+        raise UserError(
+            f"{path}: distributed_type {dtype} is not supported here (use a DDP, DeepSpeed or FSDP2 config)"
+        )
+    wants = {
+        "ddp": ("MULTI_GPU", None),
+        "zero2": ("DEEPSPEED", 2),
+        "zero3": ("DEEPSPEED", 3),
+        "fsdp2": ("FSDP", None),
+    }.get(strategy)
     if wants is None:
         return
     if dtype != wants[0] or (wants[1] is not None and int(stage or 0) != wants[1]):

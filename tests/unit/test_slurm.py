@@ -151,6 +151,9 @@ def test_input_errors(run_config):
     with pytest.raises(UserError, match="train.strategy=zero3 but"):
         render(run_config, overrides=["train.strategy=zero3"])
     render(run_config, overrides=["train.strategy=zero3"], launch_config=ZERO3)
+    render(run_config, overrides=["train.strategy=fsdp2"], launch_config=str(REPO / "launch_configs" / "fsdp2.yaml"))
+    with pytest.raises(UserError, match="train.strategy=fsdp2 but"):
+        render(run_config, overrides=["train.strategy=fsdp2"])
     with pytest.raises(UserError, match="--nodes 0"):
         render(run_config, nodes=0)
     with pytest.raises(UserError, match="--signal-seconds 300 is not shorter"):
