@@ -16,9 +16,11 @@ otherwise; the test skips with that reason, except under CI (``CI=true``), where
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -55,6 +57,12 @@ def ensure_slurm() -> str | None:
         if cmd is install and proc.returncode == 0 and not _missing():
             return None
     return "apt-get could not install slurm-wlm:\n" + "\n".join(log)
+
+
+def _die_with_parent() -> None:
+    """In the daemon before exec: SIGTERM when the test process dies, even killed (no teardown then)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG; Linux only
 
 
 def _free_ports(n: int) -> list[int]:
@@ -194,7 +202,9 @@ class SlurmCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env.update(self.env)
         with (self.root / f"{name}.stdout").open("w") as out:
-            self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            )
 
     def stop(self) -> None:
         """Cancel every job, wait for their processes, then stop the daemons by PID (SIGTERM, then SIGKILL)."""
