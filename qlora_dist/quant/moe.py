@@ -393,6 +393,40 @@ def expert_lora_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if ".lora_experts." in n and p.requires_grad]
 
 
+def load_adapter(model: nn.Module, adapter_dir: Path):
+    """``PeftModel.from_pretrained(model, adapter_dir)`` with the saved expert LoRA too: the unmerged model a
+    saved adapter describes (what a merge must reproduce).
+
+    On NF4 experts the expert LoRA is attached (:class:`LoraExperts`, the saved rank and alpha) and loaded from
+    the adapter file; on fused experts in full precision its delta is folded into them (the same function).
+    peft's MoE re-targeting stays off for an adapter that has expert LoRA (its targets are already resolved)."""
+    import json
+    import types
+
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    pairs = read_expert_lora(adapter_dir)
+    if not pairs:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    if not has_nf4_experts(model):
+        merge_expert_lora(model, adapter_dir)
+    with without_peft_moe_remap():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if has_nf4_experts(model):
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+        matrices = [m for m in EXPERT_MATRICES if any(name.endswith(f".{m}") for name in pairs)]
+        cfg = types.SimpleNamespace(target_modules=matrices, r=int(saved["r"]), alpha=saved["lora_alpha"], dropout=0.0)
+        attach_expert_lora(peft_model, cfg)
+        result = set_peft_model_state_dict(peft_model, load_file(adapter_dir / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise RuntimeError(
+                f"{adapter_dir}: adapter weights with no place in the model: {result.unexpected_keys[:3]}"
+            )
+    return peft_model
+
+
 # -- merging ------------------------------------------------------------------------------------------------
 
 
@@ -438,3 +472,13 @@ def merge_expert_lora(model: nn.Module, adapter_dir: Path) -> int:
             raise RuntimeError(f"{name}: expert LoRA delta {tuple(delta.shape)} for {tuple(params[name].shape)}")
         params[name].add_(delta.to(params[name].dtype))
     return len(pairs)
+
+
+# -- the 4-bit share (quant/coverage.py) --------------------------------------------------------------------
+
+# Loaded models need nothing here: the packed expert parameters carry an ExpertsQuantState, which
+# coverage.measure counts as 4-bit. A meta model still has transformers' fused experts, which this load will
+# hold in NF4: the prediction (check, plan, the refusal before loading) must count them too.
+from .coverage import register_predictor  # noqa: E402  (after the definitions it registers)
+
+register_predictor(meta_quantized_parameters)
