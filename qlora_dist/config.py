@@ -146,6 +146,12 @@ class TrainConfig:
     """Callbacks on training events, by name: built-in (stop_on_nan), installed plugins, or package.module:attr."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
+    chunked_loss: bool = True
+    """Take the loss from the final hidden states in chunks, never holding the full-vocabulary logits (false:
+    the model's own full logits)."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the chunked loss; 0 picks it from the vocabulary size (about 128 MiB of float32
+    logits per chunk)."""
     eval_steps: int = 0
     """Evaluate every this many optimizer steps (0: only at the end). Needs data.eval_fraction > 0."""
     log_steps: int = 1
@@ -164,6 +170,7 @@ class TrainConfig:
         _check_range("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _check_range("train.weight_decay", self.weight_decay, low=0.0)
         _check_range("train.max_grad_norm", self.max_grad_norm, low=0.0)
+        _check_range("train.loss_chunk_tokens", self.loss_chunk_tokens, low=0)
         _check_range("train.eval_steps", self.eval_steps, low=0)
         _check_range("train.log_steps", self.log_steps, low=1)
         _check_range("train.save_steps", self.save_steps, low=0)
