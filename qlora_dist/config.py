@@ -186,7 +186,8 @@ class OutputConfig:
     """Merge into the base dequantized from the NF4 weights the adapter was trained against, or into the
     original unquantized weights."""
     merge_dtype: DType = "auto"
-    """dtype of the merged model; ``auto`` is the compute dtype."""
+    """dtype of the merged model; ``auto`` is the base checkpoint's own (its config.json ``dtype``), else the
+    compute dtype."""
     overwrite: bool = False
     """Allow writing into an output folder that already holds a finished run (its checkpoints are ignored)."""
     keep_checkpoints: int = 2

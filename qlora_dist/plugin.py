@@ -42,7 +42,7 @@ from .distributed import (
     peak_memory_bytes,
 )
 from .errors import UserError
-from .merge import QUANT_META, NF4Rebuild, logits_of, merge_trained
+from .merge import QUANT_META, NF4Rebuild, checkpoint_dtype, logits_of, merge_trained
 from .report import write_json
 from .strategies import Strategy, resolve_strategy
 
@@ -328,8 +328,8 @@ class QLoRAPlugin:
         return state
 
     def _merge_dtype(self, device: torch.device) -> torch.dtype:
-        if self.config.output.merge_dtype == "auto":
-            return self.compute_dtype
+        if self.config.output.merge_dtype == "auto":  # the base checkpoint's own dtype: the merge is its size
+            return checkpoint_dtype(self.config.model.name_or_path) or self.compute_dtype
         return model_mod.resolve_dtype(self.config.output.merge_dtype, device)
 
     def write_resolved_config(self, accelerator, fresh: bool = True) -> None:

@@ -154,7 +154,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
 
     Tolerance: fp32 on CPU, the only difference is the order of floating-point sums (DDP's all-reduce of two
     partial gradients vs one sum over the whole batch), which moves weights by ~1e-7 relative per step.
-    Packed: rows of up to 128 tokens holding several examples, through the per-example attention.
+    Packed: rows of up to 128 tokens holding several examples, through the per-example attention; there the one
+    rank takes its loss from the model's full logits (``train.chunked_loss: false``), the two ranks from the
+    chunked loss.
     """
     common = {"max_steps": 4, "optimizer": "adamw", "grad_accum": 2, "max_grad_norm": 1.0}
     data = {"packing": True, "max_length": 128} if packing else {}
@@ -166,7 +168,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
         tiny_llama_dir,
         small_alpaca,
         out1,
-        train={**common, "micro_batch_size": 4},
+        train={**common, "micro_batch_size": 4, "chunked_loss": not packing},
         data=data,
         output={"merge": False},
     )

@@ -102,6 +102,9 @@ def test_zero3_shards_the_base_and_gathers_it(zero_runs):
 def test_single_ddp_zero2_zero3_reach_the_same_lora_weights(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
     """Same seed, data and global batch (8): 1 process x 8, and 2 ranks x 4 under DDP, ZeRO-2 and ZeRO-3.
 
+    The single process takes its loss from the model's full logits (``train.chunked_loss: false``), the others
+    from the chunked loss (the head gathered for it under ZeRO-3): the chunked loss trains the same adapter.
+
     fp32 on CPU. The runs differ only in the order of floating-point sums (one sum over 8 sequences vs two
     partial sums reduced by a collective; ZeRO reduces flattened buckets), ~1e-7 relative per step, so after
     3 AdamW steps the adapters agree to rtol 1e-4 / atol 1e-6. A sharding or normalisation mistake (an example
@@ -110,7 +113,7 @@ def test_single_ddp_zero2_zero3_reach_the_same_lora_weights(tmp_path, tiny_llama
     no_merge = {"merge": False}
     runs = {
         "single": _run(tmp_path, "single", "single_gpu.yaml", tiny_llama_dir, small_alpaca, cache_dir, 1,
-                       train={**EQUIV, "micro_batch_size": 8}, output=no_merge),
+                       train={**EQUIV, "micro_batch_size": 8, "chunked_loss": False}, output=no_merge),
         "ddp": _run(tmp_path, "ddp", "multi_gpu_ddp.yaml", tiny_llama_dir, small_alpaca, cache_dir,
                     train={**EQUIV, "micro_batch_size": 4}, output=no_merge),
         "zero2": _run(tmp_path, "zero2", "deepspeed_zero2.yaml", tiny_llama_dir, small_alpaca, cache_dir,
