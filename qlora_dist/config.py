@@ -59,6 +59,11 @@ class QuantConfig:
     storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in: ``auto`` is uint8, or the compute dtype under ZeRO-3
     (which can only partition the weights in that dtype)."""
+    cache: bool = True
+    """Quantize once per machine: the local main process saves the packed 4-bit base, every rank and every
+    later run with the same base files and settings loads it (bit-identical; not under ZeRO-3)."""
+    cache_dir: str = ""
+    """Where the quantized bases are kept; empty is ``$QLORA_DIST_CACHE/nf4`` (``~/.cache/qlora_dist/nf4``)."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import attention, checkpoint
+from . import attention, base_cache, checkpoint
 from . import data as data_mod
 from . import model as model_mod
 from .callbacks import Callbacks, Event
@@ -107,15 +107,33 @@ class QLoRAPlugin:
         tokenizer = tokenizer if tokenizer is not None else self.load_tokenizer()
         quant = dataclasses.replace(cfg.quant, storage_dtype=self.strategy.storage_dtype(cfg, self.compute_dtype))
         self.quant = quant
-        base = model_mod.load_quantized_model(
-            cfg.model,
+        device_map = self.strategy.device_map(accelerator.device)
+        # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
+        attn = attention.register() if cfg.data.packing else None
+
+        def load(path: str) -> torch.nn.Module:
+            model_cfg = dataclasses.replace(cfg.model, name_or_path=path)
+            return model_mod.load_quantized_model(
+                model_cfg,
+                quant,
+                accelerator.device,
+                self.compute_dtype,
+                device_map=device_map,
+                attn_implementation=attn,
+            )
+
+        base, how = base_cache.load_base(
+            load,
+            cfg.model.name_or_path,
+            model_mod.check_model_path(cfg.model),
             quant,
-            accelerator.device,
             self.compute_dtype,
-            device_map=self.strategy.device_map(accelerator.device),
-            # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
-            attn_implementation=attention.register() if cfg.data.packing else None,
+            accelerator.device,
+            self._base_cache_root(device_map),
+            accelerator.is_local_main_process,
+            accelerator.wait_for_everyone,
         )
+        self.facts["base_load"] = base_cache.report(how)
         self.facts["base_checksum_before"] = model_mod.base_checksum(base, self.strategy.gathered)
         if cfg.train.gradient_checkpointing:
             model_mod.enable_gradient_checkpointing(base)
@@ -131,6 +149,19 @@ class QLoRAPlugin:
             full_grad_bytes=(total - trainable) * 4,
         )
         return model, tokenizer
+
+    def _base_cache_root(self, device_map) -> Path | None:
+        """Where the quantized base is cached (None: not cached; ZeRO-3 partitions the base while it loads)."""
+        if not self.config.quant.cache:
+            return None
+        if device_map is None:
+            log.info("quantized-base cache not used: ZeRO-3 partitions the base while it loads")
+            return None
+        return (
+            Path(self.config.quant.cache_dir).expanduser()
+            if self.config.quant.cache_dir
+            else default_cache_dir() / "nf4"
+        )
 
     def load_data(self, accelerator, tokenizer):
         """Tokenized (train, eval) data sets; the local main process tokenizes first, the others read its cache."""
@@ -232,6 +263,7 @@ class QLoRAPlugin:
                 "lora_checksum": model_mod.lora_checksum(unwrapped, strategy.gathered),
                 "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 "base_bytes": model_mod.local_base_bytes(unwrapped),
+                "base_load": self.facts.get("base_load"),
                 # Before anything below gathers: only the training loop's collectives are timed.
                 "comm_seconds": getattr(strategy, "comm_seconds", lambda: None)(),
                 "indices": stats.get("indices_first_epoch", []),
@@ -286,6 +318,7 @@ class QLoRAPlugin:
             "data_shards": shard_facts([r["indices"] for r in per_rank], stats.get("num_examples")),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
             "base_bytes_per_rank": [r["base_bytes"] for r in per_rank],
+            "base_load_per_rank": [r["base_load"] for r in per_rank],
         }
         report.update({k: v for k, v in stats.items() if k not in ("examples_first_epoch", "indices_first_epoch")})
         report["merge"] = None
