@@ -65,6 +65,11 @@ def test_frozen_base_unchanged_and_identical_on_every_rank(ddp_run, tiny_llama_d
         ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(), torch.device("cpu"), torch.float32
     )
     assert model_mod.base_checksum(fresh) == report["base_checksum_before"]
+    # Quantized once on this machine: rank 1 loaded the packed NF4 base rank 0 wrote (this run or an earlier
+    # one of the session), and still has the checksum of the base quantized afresh.
+    loads = report["base_load_per_rank"]
+    assert loads[0]["source"] in ("built", "cache") and loads[1]["source"] == "cache"
+    assert loads[0]["cache_dir"] == loads[1]["cache_dir"] and loads[1]["file_bytes"] > 0
 
 
 def test_lora_identical_on_every_rank_and_saved_adapter_matches(ddp_run):
