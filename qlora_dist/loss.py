@@ -117,12 +117,14 @@ class HeadSpec:
         elif kind.startswith("granite") and getattr(config, "logits_scaling", None) not in (None, 1.0):
             scale = ("div", float(config.logits_scaling))
         softcap = getattr(config, "final_logit_softcapping", None)
-        vocab = int(getattr(head, "ds_shape", head.weight.shape)[0])
+        vocab = int(head.out_features)  # not weight.shape: ZeRO-3 leaves a 0-sized placeholder there
         return cls(lm.get_decoder(), head, vocab, scale, float(softcap) if softcap else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``hidden`` rows, in its own dtype and order of operations."""
-        logits = self.head(hidden)
+        # F.linear, not the module: under ZeRO-3 calling the module outside the engine's forward would run its
+        # gather hooks out of the order DeepSpeed traced (the weight is gathered by `gathered` instead).
+        logits = F.linear(hidden, self.head.weight, self.head.bias)
         if self.scale is not None:
             logits = logits * self.scale[1] if self.scale[0] == "mul" else logits / self.scale[1]
         if self.softcap is not None:
