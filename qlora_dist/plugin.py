@@ -227,6 +227,14 @@ class QLoRAPlugin:
         # Length grouping permutes the order in whole global batches, so 2 ranks x b still see what 1 x 2b sees.
         lengths = data_mod.example_lengths(dataset) if self.config.data.group_by_length else None
         global_batch = t.micro_batch_size * t.grad_accum * world_size
+        if self.config.data.balance_tokens:  # the same examples per step, placed over ranks by tokens
+            steps = data_mod.balanced_step_batches(
+                len(dataset), t.seed, epoch, rank, world_size, t.micro_batch_size, t.grad_accum,
+                lengths or data_mod.example_lengths(dataset), start=start, group_lengths=lengths,
+            )  # fmt: skip
+            for micro in steps:
+                yield [self._batch(dataset, idx, pad_id) for idx in micro]
+            return
         indices = data_mod.rank_indices(
             len(dataset), t.seed, epoch, rank, world_size, start=start, lengths=lengths, global_batch=global_batch
         )
