@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from qlora_dist import bench_merge
+from benchmarks import merge as bench_merge
 from qlora_dist import merge as merge_mod
 from qlora_dist import model as model_mod
 from qlora_dist.cli import main as cli_main
@@ -352,7 +352,7 @@ def test_cli_merge_names_the_flag_of_a_bad_base_or_out(tiny_llama_dir, tmp_path,
 
 
 def test_benchmark_small_measures_memory_and_writes_its_section(tmp_path):
-    """``python -m qlora_dist.bench_merge --small``, end to end: a 42 MB bfloat16 Llama in 4 MB shards, each method
+    """``python -m benchmarks.merge --small``, end to end: a 42 MB bfloat16 Llama in 4 MB shards, each method
     in a fresh process (peak RSS reset after imports and a warm-up merge). Streaming stays under the largest shard
     + the adapter + a fixed margin; the in-memory path needs more than the whole model; the outputs are equal."""
     md, raw = tmp_path / "BENCHMARKS.md", tmp_path / "merge.json"
