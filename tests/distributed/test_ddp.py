@@ -196,8 +196,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
     a1 = load_file(out1 / "adapter" / "adapter_model.safetensors")
     a2 = load_file(out2 / "adapter" / "adapter_model.safetensors")
     assert a1.keys() == a2.keys()
+    # atol 1e-5 packed: full logits against the chunked loss (see test_deepspeed's equivalence test for why).
     for key in a1:
-        assert torch.allclose(a1[key], a2[key], rtol=1e-4, atol=1e-6), key
+        assert torch.allclose(a1[key], a2[key], rtol=1e-4, atol=1e-5 if packing else 1e-6), key
     # And the runs really moved: the adapters are far from their (shared) initialisation.
     assert max(float(t.abs().max()) for k, t in a1.items() if "lora_B" in k) > 1e-3
 
