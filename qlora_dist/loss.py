@@ -34,7 +34,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-CHUNK_LOGIT_BYTES = 128 * 2**20
+CHUNK_LOGIT_BYTES = 32 * 2**20
 """Automatic chunk size: as many tokens as keep one chunk's float32 logits near this size."""
 _INPUTS = ("input_ids", "attention_mask", "position_ids")
 
