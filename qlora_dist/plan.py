@@ -28,8 +28,9 @@ Exact and estimated parts
 *Estimated* (documented assumptions, see the functions):
 
 - ``activations``: :func:`activation_bytes`, a per-layer count of what autograd keeps for backward in a
-  Llama-style decoder with peft LoRA, plus the loss over the logits, taking the largest of three moments
-  (end of forward, start of backward over the logits, backward through one decoder layer).
+  Llama-style decoder with peft LoRA, plus the loss: one chunk of logits at a time with the chunked loss
+  (``train.chunked_loss``, the default), else the full logits; taking the largest of the moments (end of
+  forward, start of backward over the logits, backward through one decoder layer).
 - ``comm_buffers``: 0 under DDP (qlora_dist sets ``gradient_as_bucket_view``: the gradients are the buckets)
   or DeepSpeed's reduce bucket (``reduce_bucket_size`` elements, fp32; 5e8 by default: 1.86 GiB).
 - ``zero3_gathered``: under ZeRO-3, the largest module's weights gathered whole plus a prefetch bucket.
