@@ -112,19 +112,23 @@ def load_base(
     model = None
     if is_local_main and not _complete(folder):
         model = load(str(model_dir))
-        _write(model, folder, model_dir)
-        source = "built"
+        try:
+            _write(model, folder, model_dir)
+            source = "built"
+        except OSError as e:  # a full or read-only cache folder slows the start, it must not stop the run
+            log.warning("could not write the quantized-base cache %s (%s): every rank quantizes", folder, e)
+            source = "checkpoint"
     wait_for_everyone()
+    if model is None and not _complete(folder):
+        model, source = load(name_or_path), "checkpoint"
     if model is None:
-        if not _complete(folder):
-            raise RuntimeError(f"quantized-base cache {folder} is missing after its build (is the cache shared?)")
         with warnings.catch_warnings():  # the folder's own quantization_config is the one asked for (the key)
             warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")
             model = load(str(folder))
         # The model stands for the base checkpoint, not the cache: a saved adapter records this as its base.
         model.name_or_path = model.config._name_or_path = name_or_path
-    files = _weight_bytes(model_dir) if source == "built" else _weight_bytes(folder)
-    return model, _done(source, start, io_start, files, str(folder))
+    files = _weight_bytes(folder) if source == "cache" else _weight_bytes(model_dir)
+    return model, _done(source, start, io_start, files, str(folder) if source != "checkpoint" else None)
 
 
 def _write(model: nn.Module, folder: Path, model_dir: Path) -> None:

@@ -126,3 +126,11 @@ def test_quant_settings_are_in_the_key(base_dir):
     assert (
         base_cache.cache_key(base_dir, dataclasses.replace(QuantConfig(), cache_dir="/x"), torch.float32, CPU) in keys
     )
+
+
+def test_an_unwritable_cache_folder_only_costs_the_quantization(base_dir, tmp_path):
+    root = tmp_path / "not_a_folder"
+    root.write_text("a file where the cache folder should be")  # writing under it fails (OSError), even as root
+    model, how = cached(base_dir, root)
+    assert how.source == "checkpoint" and how.cache_dir is None and root.is_file()
+    assert model_mod.base_checksum(model) == model_mod.base_checksum(loader(QuantConfig())(str(base_dir)))
