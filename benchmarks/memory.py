@@ -299,7 +299,8 @@ def render(result: dict, command: str) -> str:
         lines += [
             "",
             f"### Loss: vocabulary {shape['vocab']}, micro-batch {shape['batch']} x {shape['seq']} tokens, "
-            f"hidden {shape['hidden']}, {shape['layers']} layers, NF4 base + LoRA r=16, checkpointing, 1 process",
+            f"hidden {shape['hidden']}, {shape['layers']} layers, NF4 base + LoRA r=16, checkpointing, 1 process "
+            f"(measured {loss.get('measured', result['when'])})",
             "",
             "| recipe | step peak (tensors) | / ref | loss-only peak | / ref | peak RSS | / ref | step s | / ref |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -325,7 +326,8 @@ def render(result: dict, command: str) -> str:
         lines += [
             "",
             f"### Start-up: 2 ranks (DDP, CPU), {s['params'] / 1e6:.0f}M-parameter Llama, "
-            f"{s['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint, `qlora-dist train` for one step",
+            f"{s['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint, `qlora-dist train` for one step "
+            f"(measured {s.get('measured', result['when'])})",
             "",
             "| run | launch wall s | / uncached | base load s (rank 0, 1) | source (rank 0, 1) | weight bytes read "
             "(rank 0, 1) | disk reads (rank 0, 1) |",
@@ -348,7 +350,8 @@ def render(result: dict, command: str) -> str:
         w = result["wait"]
         lines += [
             "",
-            "### Rank wait: 2 ranks (DDP, CPU), padded batches of the bench data, micro-batch 4, no packing",
+            "### Rank wait: 2 ranks (DDP, CPU), padded batches of the bench data, micro-batch 4, no packing "
+            f"(measured {w.get('measured', result['when'])})",
             "",
             "| split | all-reduce in flight / step (rank 0, 1) | step s | non-pad tokens/s | / count split |",
             "|---|---|---|---|---|",
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "bench-memory")
     p.add_argument("--markdown", type=Path, default=BENCHMARKS_MD)
     p.add_argument("--no-markdown", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the parts of the last results.json not rerun now")
     args = p.parse_args(argv)
     shape = FULL if args.full else SMALL
     args.work.mkdir(parents=True, exist_ok=True)
@@ -384,12 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    if "loss" in args.only:
-        result["loss"] = run_loss(args.work, shape)
-    if "startup" in args.only:
-        result["startup"] = run_startup(args.work, shape)
-    if "wait" in args.only:
-        result["wait"] = run_wait(args.work, shape)
+    previous = args.work / "results.json"
+    if args.keep and previous.is_file():  # parts not rerun now keep their earlier measurement (and its time)
+        old = json.loads(previous.read_text())
+        result.update({k: old[k] for k in ("loss", "startup", "wait") if k in old and k not in args.only})
+    runners = {"loss": run_loss, "startup": run_startup, "wait": run_wait}
+    for part in args.only:
+        result[part] = runners[part](args.work, shape)
+        result[part]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["wall_s"] = time.perf_counter() - start
     (args.work / "results.json").write_text(json.dumps(result, indent=1))
     text = render(result, "python -m benchmarks.memory " + " ".join(argv))
