@@ -16,8 +16,9 @@ What the model's head does after its matmul is mirrored exactly (tied embeddings
 Gemma 2/3 final-logit soft-cap; Cohere's ``logit_scale``; Granite's ``logits_scaling``), and checked on every
 call: the one row of logits the model does compute (the last position) must equal ours, or the call raises
 rather than train on a different loss. Under ZeRO-3 the head weight is gathered for the loss (the model's
-forward has already let go of it). A head that is itself trained (its weight requires grad), or a model whose
-forward takes no ``logits_to_keep``, falls back to the full logits.
+forward has already let go of it), and all-gathered from its shards when it is an FSDP2 DTensor. A head that
+is itself trained (its weight requires grad), or a model whose forward takes no ``logits_to_keep``, falls
+back to the full logits.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class HeadSpec:
     """``("mul", s)`` (Cohere's ``logit_scale``) or ``("div", s)`` (Granite's ``logits_scaling``)."""
     softcap: float | None = None
     """Gemma 2/3: ``cap * tanh(logits / cap)``."""
+    _whole: tuple | None = dataclasses.field(default=None, repr=False)
+    """(weight, bias) made whole from FSDP2 shards, inside :meth:`gathered`."""
 
     @classmethod
     def of(cls, model: nn.Module) -> HeadSpec | None:
@@ -124,7 +127,8 @@ class HeadSpec:
         """The model's logits for ``hidden`` rows, in its own dtype and order of operations."""
         # F.linear, not the module: under ZeRO-3 calling the module outside the engine's forward would run its
         # gather hooks out of the order DeepSpeed traced (the weight is gathered by `gathered` instead).
-        logits = F.linear(hidden, self.head.weight, self.head.bias)
+        weight, bias = self._whole if self._whole is not None else (self.head.weight, self.head.bias)
+        logits = F.linear(hidden, weight, bias)
         if self.scale is not None:
             logits = logits * self.scale[1] if self.scale[0] == "mul" else logits / self.scale[1]
         if self.softcap is not None:
@@ -134,14 +138,26 @@ class HeadSpec:
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(hidden).float(), labels, ignore_index=IGNORE, reduction="sum")
 
+    @contextlib.contextmanager
     def gathered(self):
-        """The head's weight made whole for the loss under ZeRO-3 (it is partitioned again afterwards)."""
+        """The head's weight made whole for the loss: gathered under ZeRO-3 (partitioned again afterwards), or
+        all-gathered from an FSDP2 DTensor shard (dropped afterwards). Every rank must call this."""
         params = [p for p in self.head.parameters() if hasattr(p, "ds_id")]
-        if not params:
-            return contextlib.nullcontext()
-        import deepspeed
+        if params:
+            import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+            return
+        weight, bias = self.head.weight, self.head.bias
+        if hasattr(weight, "full_tensor") or hasattr(bias, "full_tensor"):
+            self._whole = tuple(t.full_tensor() if hasattr(t, "full_tensor") else t for t in (weight, bias))
+            try:
+                yield
+            finally:
+                self._whole = None
+            return
+        yield
 
     @torch.no_grad()
     def check(self, hidden: torch.Tensor, model_logits: torch.Tensor) -> None:
