@@ -148,7 +148,7 @@ class TrainConfig:
     optimizer: Optimizer = "paged_adamw_8bit"
     """bitsandbytes paged/8-bit AdamW, or torch's AdamW."""
     strategy: str = "auto"
-    """Distribution strategy: auto (follow the launch config) | ddp | zero2 | zero3 (must agree with the launch
+    """Distribution strategy: auto (follow the launch config) | ddp | zero2 | zero3 | fsdp2 (must agree with the launch
     config), or the name of an installed strategy plugin."""
     callbacks: list[str] = field(default_factory=list)
     """Callbacks on training events, by name: built-in (stop_on_nan), installed plugins, or package.module:attr."""

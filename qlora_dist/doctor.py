@@ -29,6 +29,7 @@ MINIMUM_VERSIONS = {
     "datasets": ("3.0", "load_dataset/load_from_disk as used here"),
 }
 DEEPSPEED_MINIMUM = ("0.16", "exclude_frozen_parameters in checkpoints; ZeRO-3 with 4-bit storage")
+FSDP2_TORCH_MINIMUM = ("2.8", "FSDP2's fully_shard with ignored_params and set_custom_all_gather")
 
 
 @dataclass
@@ -133,6 +134,8 @@ def _check_versions(env: Mapping[str, str]) -> str:
     wanted = dict(MINIMUM_VERSIONS)
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         wanted["deepspeed"] = DEEPSPEED_MINIMUM
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        wanted["torch"] = FSDP2_TORCH_MINIMUM
     found = []
     for package, (minimum, why) in wanted.items():
         try:

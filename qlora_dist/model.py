@@ -268,6 +268,7 @@ def local_base_bytes(model: nn.Module) -> int:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             held = getattr(p, "ds_tensor", p)
+            held = held.to_local() if _is_dtensor(held) else held  # FSDP2: this rank's shard
             total += held.numel() * held.element_size()
     return total
 
@@ -301,8 +302,16 @@ def base_param_name(name: str) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    if _is_dtensor(t):  # FSDP2-sharded: gathered whole (a collective: every rank checksums the same names)
+        t = t.full_tensor()
     t = t.detach().to("cpu").contiguous()
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _logical_numel(p: torch.Tensor) -> int:
