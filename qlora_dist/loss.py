@@ -110,7 +110,7 @@ class HeadSpec:
             return _fallback(model, "no plain linear output head")
         if any(p.requires_grad for p in head.parameters()):
             return _fallback(model, "the output head is trained")
-        if _fsdp2_managed(lm):
+        if _fsdp2_managed(model):
             # Not yet: reading the root's head outside FSDP2's forward crashed the process (SIGSEGV, torch 2.13
             # on CPU/gloo); until that is understood the FSDP2 strategy trains on the full logits.
             return _fallback(model, "FSDP2 (the chunked loss is not supported under fully_shard yet)")
@@ -228,7 +228,7 @@ def _fsdp2_managed(module: nn.Module) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without FSDP2
         return False
-    return isinstance(module, FSDPModule)
+    return any(isinstance(m, FSDPModule) for m in module.modules())  # fully_shard wraps the peft model
 
 
 def _fallback(model: nn.Module, why: str) -> None:
