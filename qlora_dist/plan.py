@@ -309,8 +309,11 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         what = "folder has no config.json" if folder.is_dir() else "no such folder"
+        from .model import local_copy_hint
+
         raise UserError(
-            f"model.name_or_path={name_or_path}: {what} (the planner reads the model's config.json from a local folder)"
+            f"model.name_or_path={name_or_path}: {what} (the planner reads the model's config.json from a local "
+            f"folder){local_copy_hint(name_or_path)}"
         )
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

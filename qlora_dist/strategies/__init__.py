@@ -77,7 +77,39 @@ STRATEGIES: Registry[Any] = Registry("strategies")
 """Strategy factories by name. Built-ins follow the launch; a plugin's factory is called as ``factory(config)``
 and returns an object with the :class:`Strategy` methods."""
 
-BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3", "deepspeed", "fsdp2")
+BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3", "fsdp2")
+"""The one strategy vocabulary: ``train.strategy``, ``qlora-dist plugins``, the report and the README use these
+(plus ``single``, what ``ddp`` is with one process). ``deepspeed`` is only the registry's factory for zero2/zero3."""
+_FACTORIES = {"deepspeed": "zero2, zero3"}
+"""Registry entries that are factories behind user-facing names, not names a run config may give."""
+
+
+def check_strategy_name(name: str) -> None:
+    """Refuse a ``train.strategy`` that is neither a built-in name nor a plugin (without loading any plugin)."""
+    if name in BUILTIN_NAMES or ":" in name:
+        return
+    if name in _FACTORIES:
+        raise ConfigError(
+            f"train.strategy={name} is not a strategy name: the DeepSpeed strategies are zero2 and zero3 "
+            "(use the one your launch config's zero_stage gives, or auto)"
+        )
+    if name not in STRATEGIES.names():
+        plugins = [n for n in STRATEGIES.names() if n not in BUILTIN_NAMES and n not in _FACTORIES]
+        raise ConfigError(
+            f"train.strategy={name!r} is not allowed: choose one of {' | '.join((*BUILTIN_NAMES, *plugins))} "
+            "(or install a strategy plugin, see `qlora-dist plugins`)"
+        )
+
+
+def user_facing_strategies() -> list[tuple[str, str]]:
+    """(name, source) of every strategy a run config may name, for ``qlora-dist plugins``."""
+    rows = []
+    for name, source in STRATEGIES.available():
+        if name in _FACTORIES:
+            rows += [(n.strip(), source) for n in _FACTORIES[name].split(",")]
+        else:
+            rows.append((name, source))
+    return [("auto", "built-in (follows the launch config)"), *sorted(rows)]
 
 
 def launched_with_deepspeed(env: Mapping[str, str] | None = None) -> bool:
@@ -103,11 +135,7 @@ def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) ->
     else:
         factory = STRATEGIES.get(_launched_kind(env))
         strategy = factory.from_env(env)
-        agrees = wanted in ("auto", strategy.name) or (wanted, strategy.name) in {
-            ("ddp", "single"),
-            ("deepspeed", "zero2"),
-            ("deepspeed", "zero3"),
-        }
+        agrees = wanted in ("auto", strategy.name) or (wanted, strategy.name) == ("ddp", "single")
         if not agrees:
             raise ConfigError(
                 f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
