@@ -64,6 +64,9 @@ class QuantConfig:
     later run with the same base files and settings loads it (bit-identical; not under ZeRO-3)."""
     cache_dir: str = ""
     """Where the quantized bases are kept; empty is ``$QLORA_DIST_CACHE/nf4`` (``~/.cache/qlora_dist/nf4``)."""
+    allow_unquantized: bool = False
+    """Train even when less than half of the decoder weights can be held in 4-bit (a family bitsandbytes does
+    not quantize, e.g. fused MoE experts): the run is then not QLoRA, and ``run_report.json`` says so."""
 
 
 @dataclass

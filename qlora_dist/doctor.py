@@ -91,6 +91,7 @@ def run_checks(
     if tokenizer_ok:
         run("data", lambda: _check_data(cfg, holder))
     if model_ok:
+        run("quant", lambda: _check_quant(cfg))
         run("lora", lambda: _check_lora(cfg, holder))
         run("disk", lambda: _check_disk(cfg, holder))
         run("memory", lambda: _check_memory(config_path, overrides, launch_config, num_processes, env))
@@ -162,6 +163,7 @@ def _check_model(cfg: RunConfig, holder: dict) -> str:
 
     model = meta_model(cfg.model)
     holder["linear_names"] = linear_layer_names(model)
+    holder["meta_model"] = model
     holder["total_params"] = count_params(model)[1]
     n = holder["total_params"]
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -194,12 +196,27 @@ def _check_data(cfg: RunConfig, holder: dict) -> str:
     return "; ".join(found) + ", every row has what the format needs"
 
 
-def _check_lora(cfg: RunConfig, holder: dict) -> str:
-    from .model import check_target_modules
+def _check_quant(cfg: RunConfig) -> str | tuple[str, str]:
+    """The share of the decoder weights a 4-bit load will hold in 4-bit (meta model), and the QLoRA rule."""
+    import torch
 
-    check_target_modules(holder["linear_names"], cfg.lora)
-    targets = cfg.lora.target_modules
-    return f"targets {targets if targets == 'all-linear' else ', '.join(targets)} among {', '.join(holder['linear_names'])}"
+    from .model import resolve_dtype
+    from .quant import coverage
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predicted, model_type = coverage.predict_for(cfg.model, cfg.quant, resolve_dtype(cfg.quant.compute_dtype, device))
+    coverage.require_qlora(predicted, model_type, cfg.quant.allow_unquantized, "predicted from config.json")
+    if predicted.fraction < coverage.MIN_FRACTION:
+        return "warning", f"{predicted.summary()}: NOT QLoRA (quant.allow_unquantized=true)"
+    return predicted.summary()
+
+
+def _check_lora(cfg: RunConfig, holder: dict) -> str:
+    from .model import resolve_targets
+
+    targets = resolve_targets(holder["meta_model"], cfg.lora)  # all-linear: this model's real layer names
+    how = "all-linear: " if cfg.lora.target_modules == "all-linear" else ""
+    return f"targets {how}{', '.join(targets)} (linear layers: {', '.join(holder['linear_names'])})"
 
 
 def _check_disk(cfg: RunConfig, holder: dict) -> str | tuple[str, str]:
