@@ -15,7 +15,8 @@ storage dtype, compute dtype, device type, and the transformers/bitsandbytes/tor
 setting is a new key, hence a fresh build; old folders are left for the user to delete. A folder is written
 under a temporary name and renamed into place once complete, so a crashed build is never loaded.
 
-Not used under ZeRO-3 (``device_map`` None: DeepSpeed partitions the base while transformers quantizes it) or
+Not used under ZeRO-3 (``device_map`` None: DeepSpeed partitions the base while transformers quantizes it),
+for mixture-of-experts bases (NF4 experts, ``quant/moe.py``, are not restored by a pre-quantized load) or
 for a hub id that is not a local folder; the load is then the ordinary one and says so.
 """
 

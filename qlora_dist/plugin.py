@@ -177,6 +177,13 @@ class QLoRAPlugin:
         if device_map is None:
             log.info("quantized-base cache not used: ZeRO-3 partitions the base while it loads")
             return None
+        from .quant import moe
+
+        if moe.fused_experts(model_mod.meta_model(self.config.model)):
+            # NF4 experts are qlora_dist's own format (quant/moe.py): a pre-quantized transformers load of the
+            # saved folder would not restore them, so every rank quantizes its experts from the checkpoint.
+            log.info("quantized-base cache not used: NF4 mixture-of-experts weights are quantized at every load")
+            return None
         return (
             Path(self.config.quant.cache_dir).expanduser()
             if self.config.quant.cache_dir

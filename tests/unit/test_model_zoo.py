@@ -142,6 +142,8 @@ def test_family_trains_as_verified_qlora_or_is_refused(
         assert not [x for x in largest if "experts" in x["name"]], largest
         adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert "gate" not in adapter_cfg["target_modules"]
+        # Not through the quantized-base cache: a pre-quantized load would not restore the NF4 experts.
+        assert [x["source"] for x in report["base_load_per_rank"]] == ["checkpoint"]
         qlora = attach_lora(base, LoraConfig(r=8, alpha=16, dropout=0.05))
         result = set_peft_model_state_dict(qlora, load_file(out / "adapter" / "adapter_model.safetensors"))
         assert not result.unexpected_keys and moe.expert_lora_names(qlora)
