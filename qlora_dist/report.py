@@ -40,6 +40,13 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (a reader sees old or new, whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON atomically (temporary file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
