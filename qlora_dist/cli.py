@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PeerExit:
+        from .preemption import failing
+
+        failing()
         return 2  # another rank failed and printed why
     except UserError as e:
         _report_failure()
@@ -45,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         peer = _peer_failure(e)
+        _report_failure()
         if peer is None or debug:
-            _report_failure()
             raise
         print(f"{prefix}: {peer}", file=sys.stderr)
         return 1
 
 
 def _report_failure() -> None:
+    from .preemption import failing
+
+    failing()
     if "torch" in sys.modules:  # only a run that got as far as a process group has peers to tell
         from .distributed import report_failure
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import threading
 import time
@@ -209,7 +210,8 @@ def peer_failure(error: BaseException) -> str | None:
     except Exception:  # noqa: BLE001 - a store hosted by the failed rank is gone with it
         pass
     who = f"rank {failed} failed" if failed is not None else "another rank ended without saying why (killed?)"
-    first = " ".join(str(error).split())[:160]
+    # gloo prefixes its messages with a source location ("[.../pair.cc:553] Connection closed by peer ...").
+    first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))[:120]
     return f"{who}: this rank stopped too ({first}); see that rank's own error above, or the launcher's log"
 
 

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 STARTUP, LOOP, MERGE, END = "start-up", "training", "merge", "end of the run"
+FAILED = "failed"
+"""The run is ending on an error it has already reported: a signal then exits at once, without a word."""
+_PROMPT = (STARTUP, END, FAILED)
 
 _current: StopSignal | None = None
 
@@ -74,11 +77,11 @@ class StopSignal:
             except OSError:
                 return
             for signum in data:
-                if self.phase in (STARTUP, END):
+                if self.phase in _PROMPT:
                     self._exit_now(signum)
 
     def _handle(self, signum, frame) -> None:
-        if self.phase in (STARTUP, END):
+        if self.phase in _PROMPT:
             self._exit_now(signum)
             return  # the watcher thread is exiting already
         first = self.signum is None
@@ -94,10 +97,11 @@ class StopSignal:
         # Both the thread and the handler may get here for one signal: exit once.
         if not self._lock.acquire(blocking=False):
             return
-        name = signal.Signals(signum).name
-        rank = os.environ.get("RANK", "0")
-        where = "" if rank == "0" else f" [rank {rank}]"
-        sys.stderr.write(f"qlora-dist{where}: received {name} during {self.phase}: exiting\n")
+        if self.phase != FAILED:
+            name = signal.Signals(signum).name
+            rank = os.environ.get("RANK", "0")
+            where = "" if rank == "0" else f" [rank {rank}]"
+            sys.stderr.write(f"qlora-dist{where}: received {name} during {self.phase}: exiting\n")
         sys.stderr.flush()
         os._exit(128 + signum)
 
@@ -128,6 +132,13 @@ def phase(name: str) -> Iterator[None]:
 
 def current() -> StopSignal | None:
     return _current
+
+
+def failing() -> None:
+    """The run is ending on an error already reported: from now on a signal (a launcher stopping the other
+    ranks) exits at once and says nothing more."""
+    if _current is not None:
+        _current.enter(FAILED)
 
 
 def _die_with_launcher() -> None:
