@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .fsutil import disk_errors
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.enabled:
-            with self.path.open("a") as f:
+            with disk_errors("metrics", self.path), self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
 
@@ -76,7 +78,8 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with disk_errors("the loss plot", path):
+        fig.savefig(tmp)
+        os.replace(tmp, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
