@@ -3,7 +3,7 @@
 A checkpoint is the folder ``output.dir/checkpoints/step-N/`` holding:
 
 - ``adapter/``: the LoRA weights (peft format, safetensors), whole even under ZeRO-3;
-- the optimizer state (``optimizer.pt`` for DDP, DeepSpeed's own per-rank shards under ``deepspeed/``),
+- the optimizer state (``optimizer.pt`` for DDP; under ZeRO each rank's share as plain tensors, ``zero/rank-R.pt``),
   the LR scheduler state (``scheduler.pt``);
 - ``rank-R.pt`` per rank: RNG states and the examples that rank consumed in the first epoch;
 - ``state.json``: step, epoch, position in the epoch's order (examples consumed), world size, seed;

@@ -183,7 +183,8 @@ class OutputConfig:
     merge_dtype: DType = "auto"
     """dtype of the merged model; ``auto`` is the compute dtype."""
     overwrite: bool = False
-    """Allow writing into an output folder that already holds a finished run (its checkpoints are ignored)."""
+    """Allow writing into an output folder that already holds a finished run, or start over where checkpoints
+    exist (they are then deleted; without it a checkpoint is never deleted on doubt)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in ``checkpoints/``; older ones are deleted after a new one is in place."""
 
