@@ -142,15 +142,16 @@ def test_planted_pickle_in_a_ddp_checkpoint_never_runs(contested, tmp_path, cach
         assert torch.equal(adapter[key], reference[key]), key  # the resumed run ended bit for bit where it had
 
 
-def test_zero2_checkpoint_holds_no_pickle_and_resumes_exactly(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
-    """ZeRO-2: the optimizer state is the project's own plain-tensor files (no DeepSpeed checkpoint, which
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_checkpoint_holds_no_pickle_and_resumes_exactly(stage, tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
+    """ZeRO-2 (and ZeRO-3, marked slow): the optimizer state is the project's own plain-tensor files (no DeepSpeed checkpoint, which
     DeepSpeed would unpickle); a payload planted in one is never run, and resuming from the checkpoint before
     reproduces the run bit for bit."""
     out = tmp_path / "out"
     train = {**TRAIN, "max_steps": 4, "save_steps": 2}
     cfg = write_run_config(tmp_path / "run.yaml", tiny_llama_dir, small_alpaca, out, train=train, output=OUTPUT)
     args = ["-m", "qlora_dist", "train", str(cfg)]
-    launch(args, cache_dir, "deepspeed_zero2.yaml")
+    launch(args, cache_dir, f"deepspeed_{stage}.yaml")
     newest = out / "checkpoints" / "step-4"
     assert sorted(p.name for p in (newest / "zero").iterdir()) == ["rank-0.pt", "rank-1.pt"]
     assert not (newest / "deepspeed").exists()
@@ -158,10 +159,10 @@ def test_zero2_checkpoint_holds_no_pickle_and_resumes_exactly(tmp_path, tiny_lla
     marker = tmp_path / "PWNED"
     plant_payload(newest, "zero/rank-1.pt", marker)
     forget_finish(out)
-    launch(args, cache_dir, "deepspeed_zero2.yaml")
+    launch(args, cache_dir, f"deepspeed_{stage}.yaml")
     assert not marker.exists(), "the planted pickle ran"
     report = read_report(out)
-    assert report["world_size"] == 2 and report["strategy"] == "zero2" and report["resumed_from_step"] == 2
+    assert report["world_size"] == 2 and report["strategy"] == stage and report["resumed_from_step"] == 2
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     for key in reference:
         assert torch.equal(adapter[key], reference[key]), key
