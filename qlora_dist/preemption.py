@@ -76,8 +76,8 @@ class StopSignal:
                 data = os.read(fd, 64)
             except OSError:
                 return
-            for signum in data:
-                if self.phase in _PROMPT:
+            for signum in data:  # every signal with a Python handler lands here: only ours count
+                if signum in SIGNALS and self.phase in _PROMPT:
                     self._exit_now(signum)
 
     def _handle(self, signum, frame) -> None:

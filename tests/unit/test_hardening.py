@@ -235,3 +235,48 @@ def test_signals_before_the_loop_end_the_process_at_once(tmp_path):
             proc.kill()
     assert proc.returncode == 143 and took < 3, (proc.returncode, took, err)
     assert "received SIGTERM during start-up: exiting" in err
+
+
+def test_a_worker_whose_launcher_is_killed_gets_sigterm(tmp_path):
+    """torchrun starts workers in their own session, so a SIGKILL of the launcher's process group left them
+    training on. A worker (LOCAL_RANK set) asks the kernel for SIGTERM when its parent dies."""
+    child = (
+        "import time\n"
+        "from qlora_dist.preemption import StopSignal\n"
+        "StopSignal.install()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True, stdout=subprocess.PIPE,\n"
+        f"                     stderr=open({str(tmp_path / 'child.err')!r}, 'w'), text=True)\n"
+        "assert p.stdout.readline().strip() == 'ready'\n"
+        "print(p.pid, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    pythonpath = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "LOCAL_RANK": "0"}
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid = int(parent.stdout.readline())
+        parent.kill()  # SIGKILL: the launcher forwards nothing
+        parent.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.05)
+        assert not _alive(pid), "the worker outlived its launcher"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert "received SIGTERM during start-up" in (tmp_path / "child.err").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[1][0] != "Z"
