@@ -401,7 +401,15 @@ class QLoRAPlugin:
                 f"train.resume=never but {root} holds checkpoints: set output.overwrite=true to start over "
                 "there, or choose another output.dir"
             )
-        return checkpoint.choose(root)
+        found = checkpoint.choose(root)
+        saved_world, world = checkpoint.read_state(found).world_size, int(os.environ.get("WORLD_SIZE", "1"))
+        if self.strategy.name.startswith("zero") and saved_world != world:
+            # Each rank's optimizer share is its own partition: refused here, before anything loads.
+            raise UserError(
+                f"checkpoint {found} was written by {saved_world} DeepSpeed ranks and cannot be resumed on {world}: "
+                f"relaunch with --num_processes {saved_world}, or set output.overwrite=true to start over"
+            )
+        return found
 
     def resume(self, path: Path, accelerator, model, optimizer, scheduler):
         """Restore a run's state from checkpoint ``path`` (after ``prepare``); returns the TrainState."""
