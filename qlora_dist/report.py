@@ -78,8 +78,15 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    with disk_errors("the loss plot", path):
+    try:
         fig.savefig(tmp)
         os.replace(tmp, path)
-    plt.close(fig)
+    except OSError as e:
+        # A picture of metrics.jsonl is not worth failing a run for; a full disk then fails the adapter save
+        # right after, with its own one-line error.
+        log.warning("could not write %s (%s): the numbers are in metrics.jsonl", path, e.strerror or e)
+        tmp.unlink(missing_ok=True)
+        return False
+    finally:
+        plt.close(fig)
     return True
