@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .fsutil import disk_errors
+from .fsutil import disk_errors, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     try:
         fig.savefig(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
         # A picture of metrics.jsonl is not worth failing a run for; a full disk then fails the adapter save
         # right after, with its own one-line error.
-        log.warning("could not write %s (%s): the numbers are in metrics.jsonl", path, e.strerror or e)
+        log.warning("could not write %s (disk full): the numbers are in metrics.jsonl", path)
         tmp.unlink(missing_ok=True)
         return False
     finally:
