@@ -40,6 +40,9 @@ bench-gpu:
 	mkdir -p $(GPU_OUT)
 	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) \
 		-m qlora_dist.bench_gpu --markdown $(GPU_OUT)/BENCH_GPU.md --json $(GPU_OUT)/bench_gpu.json $(BENCH_GPU_ARGS)
+	# FSDP2 on every GPU of the machine (written, not yet run on a GPU).
+	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) \
+		benchmarks/fsdp2_gpu_check.py --json $(GPU_OUT)/fsdp2_gpu_check.json
 
 # What the GPU machines lack, as wheels for their Python 3.12 / x86-64 (the versions this project is tested with).
 GPU_WHEELS ?= bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19

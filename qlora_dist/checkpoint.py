@@ -76,6 +76,8 @@ class TrainState:
     train_seconds: float = 0.0
     first_epoch_indices: list[int] = field(default_factory=list)
     """This rank's examples of the first epoch (per rank, kept in rank-R.pt)."""
+    trackers: dict[str, str] = field(default_factory=dict)
+    """Experiment-tracker run ids (W&B, MLflow), so a resumed run continues the same tracker run."""
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("QLORA_DIST_DEBUG", "") not in ("", "0")
+    if debug:  # workers started by `demo` (or a launcher) inherit it: they keep the libraries' messages too
+        os.environ["QLORA_DIST_DEBUG"] = "1"
     setup_logging()
     rank = int(os.environ.get("RANK", "0"))
     prefix = "qlora-dist: error" + (f" [rank {rank}]" if rank else "")
@@ -75,10 +77,15 @@ def _peer_failure(error: BaseException) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-dist", description="Multi-GPU QLoRA fine-tuning.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    from . import __version__
+
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and every library warning")
+    parser.add_argument("--version", action="version", version=f"qlora-dist {__version__}")
     # --debug is accepted after the subcommand too (qlora-dist train RUN.yaml --debug).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and every library warning"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # type: ignore[method-assign]
@@ -98,8 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--adapter", required=True, help="adapter folder (peft format)")
     p.add_argument("--out", required=True, help="output folder for the merged model")
-    p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument(
+        "--merge-base",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="merge into the base dequantized from the NF4 weights the adapter was trained against (default), "
+        "or into the original weights",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="dtype of the merged model (default auto: the compute dtype the adapter was trained in)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -125,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("validate", help="load and validate a run config, print it resolved")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("slurm", help="write an sbatch script for a multi-node run that requeues itself when preempted")
@@ -135,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate (one srun task each)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node")
     p.add_argument("--launch-config", default="launch_configs/multi_gpu_ddp.yaml", help="accelerate launch config")
-    p.add_argument("--partition")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     p.add_argument("--time", help="time limit, e.g. 24:00:00 or 1-12:00:00")
-    p.add_argument("--account")
+    p.add_argument("--account", help="SLURM account to charge (default: yours)")
     p.add_argument("--job-name", help="default: qlora-<config name>")
     p.add_argument("--cpus-per-task", type=int, help="CPUs for each node's task (data loading, the launcher)")
     p.add_argument("--signal-seconds", type=int, default=300, help="SIGUSR1 this long before the limit (300)")
@@ -156,18 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging() -> None:
     """INFO on the main process, warnings only elsewhere; quiet the libraries' own progress bars."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format="qlora-dist: %(message)s", force=True
-    )
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "torch", "httpx", "matplotlib", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    # bitsandbytes warns at import that an optional CPU kernel package is missing; it falls back by itself.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from .quiet import setup_logging as _setup
+
+    _setup(force=True)
 
 
 def cmd_train(args) -> int:
@@ -227,9 +236,13 @@ def cmd_plugins(args) -> int:
     from .strategies import STRATEGIES
 
     get_format("text")  # registers the built-in formats
+    from .strategies import user_facing_strategies
+
     for registry in (FORMATS, STRATEGIES, CALLBACKS):
         print(f"{registry.kind} (entry point group {registry.group}):")
-        for name, source in registry.available():
+        # Strategies by the names train.strategy and the report use (zero2/zero3, not the DeepSpeed factory).
+        rows = user_facing_strategies() if registry is STRATEGIES else registry.available()
+        for name, source in rows:
             print(f"  {name:<20} {source}")
     return 0
 
@@ -287,18 +300,6 @@ def cmd_slurm(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """transformers and datasets print per-shard progress bars and advisory warnings on every rank."""
-    import warnings
+    from .quiet import quiet_libraries
 
-    from .distributed import on_cpu
-
-    if on_cpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed's import warns that it found no GPU
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+    quiet_libraries()

@@ -85,9 +85,24 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    """One of several data sets a run mixes (``data.datasets``)."""
+
+    path: str = ""
+    """A .jsonl/.json/.csv/.parquet file, or a folder written by ``datasets``' ``save_to_disk``."""
+    format: str = "auto"
+    """This source's format: auto | chat | alpaca | completion | text, or a format plugin's name."""
+    weight: float = 1.0
+    """How many times each of this source's training examples is used per epoch, on average: 1 = each once,
+    2 = each twice, 0.5 = a seeded half of them."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
     """A .jsonl/.json/.csv/.parquet file, or a folder written by ``datasets``' ``save_to_disk``."""
+    datasets: list[DataSource] = field(default_factory=list)
+    """Several sources instead of ``path``: a list of {path, format, weight}, mixed into one training set."""
     format: str = "auto"
     """How rows become token sequences: auto (picked from the columns) | chat | alpaca | completion | text, or
     the name of an installed format plugin."""
@@ -101,20 +116,43 @@ class DataConfig:
     """Share of examples held out for the eval loss (0 disables eval)."""
 
     def validate(self) -> None:
-        if not self.path:
-            raise ConfigError("data.path is required: a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
-        self.path = _expand(self.path)
-        _check_range("data.max_length", self.max_length, low=8)
-        from .formats import BUILTIN_FORMATS, FORMATS
-
-        known = ("auto", *BUILTIN_FORMATS)
-        if self.format not in known and ":" not in self.format and self.format not in FORMATS.names():
-            allowed = " | ".join((*known, *[n for n in FORMATS.names() if n not in known]))
+        if self.path and self.datasets:
             raise ConfigError(
-                f"data.format={self.format!r} is not allowed: choose one of {allowed} "
-                "(or install a format plugin, see `qlora-dist plugins`)"
+                "data.path and data.datasets are both set: give one file as data.path, or every source as a "
+                "data.datasets entry {path, format, weight}"
             )
+        if not self.path and not self.datasets:
+            raise ConfigError(
+                "data.path is required: a .jsonl/.json/.csv/.parquet file or a save_to_disk folder "
+                "(or data.datasets: a list of {path, format, weight})"
+            )
+        _check_range("data.max_length", self.max_length, low=8)
+        if self.path:
+            self.path = _expand(self.path)
+            _check_format("data.format", self.format)
+        for i, source in enumerate(self.datasets):
+            if not source.path:
+                raise ConfigError(f"data.datasets[{i}].path is required: a data file or a save_to_disk folder")
+            source.path = _expand(source.path)
+            _check_format(f"data.datasets[{i}].format", source.format)
+            _check_range(f"data.datasets[{i}].weight", source.weight, low=0.0, low_inclusive=False, high=100.0)
         _check_range("data.eval_fraction", self.eval_fraction, low=0.0, high=0.5)
+
+    def sources(self) -> list[DataSource]:
+        """The run's data sources: ``data.datasets``, or ``data.path`` as the only one (weight 1)."""
+        return list(self.datasets) or [DataSource(path=self.path, format=self.format, weight=1.0)]
+
+
+def _check_format(key: str, fmt: str) -> None:
+    from .formats import BUILTIN_FORMATS, FORMATS
+
+    known = ("auto", *BUILTIN_FORMATS)
+    if fmt not in known and ":" not in fmt and fmt not in FORMATS.names():
+        allowed = " | ".join((*known, *[n for n in FORMATS.names() if n not in known]))
+        raise ConfigError(
+            f"{key}={fmt!r} is not allowed: choose one of {allowed} "
+            "(or install a format plugin, see `qlora-dist plugins`)"
+        )
 
 
 @dataclass
@@ -142,7 +180,7 @@ class TrainConfig:
     optimizer: Optimizer = "paged_adamw_8bit"
     """bitsandbytes paged/8-bit AdamW, or torch's AdamW."""
     strategy: str = "auto"
-    """Distribution strategy: auto (follow the launch config) | ddp | zero2 | zero3 (must agree with the launch
+    """Distribution strategy: auto (follow the launch config) | ddp | zero2 | zero3 | fsdp2 (must agree with the launch
     config), or the name of an installed strategy plugin."""
     callbacks: list[str] = field(default_factory=list)
     """Callbacks on training events, by name: built-in (stop_on_nan), installed plugins, or package.module:attr."""
@@ -156,6 +194,15 @@ class TrainConfig:
     """Checkpoint every this many optimizer steps (0: only at the end and on preemption)."""
     resume: Literal["auto", "never"] = "auto"
     """``auto``: continue from the newest complete checkpoint in output.dir; ``never``: start over."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers, through accelerate: tensorboard | wandb | mlflow | trackio | aim | comet_ml | clearml |
+    dvclive | swanlab (each needs its package: pip install 'qlora-dist[tensorboard]' etc.)."""
+    run_name: str = ""
+    """The run's name in the trackers (default: the output folder's name)."""
+    project: str = "qlora-dist"
+    """The trackers' project (W&B project, MLflow experiment, TensorBoard folder under output.dir/runs/)."""
+    progress_steps: int = 10
+    """When the output is not a terminal, print a progress line every this many optimizer steps."""
 
     def validate(self) -> None:
         _check_range("train.epochs", self.epochs, low=1)
@@ -169,6 +216,13 @@ class TrainConfig:
         _check_range("train.eval_steps", self.eval_steps, low=0)
         _check_range("train.log_steps", self.log_steps, low=1)
         _check_range("train.save_steps", self.save_steps, low=0)
+        _check_range("train.progress_steps", self.progress_steps, low=1)
+        from .trackers import check_tracker_names
+
+        check_tracker_names(self.report_to)
+        from .strategies import check_strategy_name
+
+        check_strategy_name(self.strategy)
 
 
 @dataclass
@@ -327,6 +381,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key} must be a list of mappings, got {value!r}")
+            return [_build(item_tp, v, prefix=f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):

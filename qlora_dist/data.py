@@ -554,6 +554,19 @@ def prepare_datasets(
     is_main_process: bool,
     wait_for_everyone: Callable[[], None],
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """:func:`prepare_sources` without the per-source counts: the (train, eval) data sets."""
+    train, held_out, _ = prepare_sources(cfg, tokenizer, seed, cache_dir, is_main_process, wait_for_everyone)
+    return train, held_out
+
+
+def prepare_sources(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_dir: Path,
+    is_main_process: bool,
+    wait_for_everyone: Callable[[], None],
+) -> tuple[datasets.Dataset, datasets.Dataset | None, list[dict[str, Any]]]:
     """Tokenized (and optionally packed) train and eval datasets, the same on every process.
 
     The main process loads the file, checks every row (the first bad one raises :class:`DataError` naming the
@@ -567,7 +580,13 @@ def prepare_datasets(
     several machines without a shared filesystem, call this with each node's local main process as main.
 
     Each row has ``input_ids``, ``labels``, ``num_tokens`` (labels that are not ``-100``, for normalizing the
-    loss) and, when packing, ``position_ids``.
+    loss) and, when packing, ``position_ids``; with ``data.datasets``, unpacked rows also have ``source``
+    (the index of the data set they came from).
+
+    Several sources (``data.datasets``) are each read, checked and tokenized in their own format, each holds
+    out its own ``eval_fraction``, and their training examples are mixed by weight (:func:`weighted_pick`)
+    into one data set, so every later step (the per-epoch order, rank sharding, resume) is the same as for one
+    file. The third value has one entry per source: path, format, weight, and its examples in the mixture.
     """
     if is_main_process:
         try:
@@ -596,9 +615,73 @@ def prepare_datasets(
 
 
 def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> None:
-    path = Path(cfg.path)
-    rows = load_rows(cfg.path)
-    fmt, data_fmt = _resolve_format(rows, cfg.format, path)
+    sources = cfg.sources()
+    if not cfg.datasets:  # data.path: one file, as it always was (data.datasets of one source still weighs it)
+        train, held_out, fmt = _tokenize_source(cfg, sources[0].path, sources[0].format, tokenizer, seed)
+        facts = [_source_facts(sources[0], fmt, len(train), len(train), len(held_out))]
+    else:
+        train, held_out, facts = [], [], []
+        for i, source in enumerate(sources):
+            # Each source's own eval split (seeded apart), then its training examples weighted into the mixture.
+            src_train, src_eval, fmt = _tokenize_source(cfg, source.path, source.format, tokenizer, _mix(seed, i))
+            picked = weighted_pick(len(src_train), source.weight, seed, i)
+            if not picked:
+                raise DataError(
+                    f"data.datasets[{i}] ({source.path}): weight {source.weight} of {len(src_train)} examples "
+                    "leaves none to train on; raise the weight or remove the source"
+                )
+            train += [{**src_train[j], "source": i} for j in picked]
+            held_out += src_eval
+            facts.append(_source_facts(source, fmt, len(src_train), len(picked), len(src_eval)))
+        logger.info(
+            "data: %d sources mixed into %d training examples (%s)",
+            len(sources),
+            len(train),
+            ", ".join(f"{Path(f['path']).name}: {f['train_examples']}" for f in facts),
+        )
+    if cfg.packing:
+        train, held_out = pack_examples(train, cfg.max_length), pack_examples(held_out, cfg.max_length)
+        logger.info(
+            "data: packed into %d train and %d eval sequences of up to %d tokens",
+            len(train),
+            len(held_out),
+            cfg.max_length,
+        )
+    _write_cache(target, train, held_out if cfg.eval_fraction > 0 else None, facts)
+
+
+def _source_facts(source, fmt: str, examples: int, in_mixture: int, held_out: int) -> dict[str, Any]:
+    return {
+        "path": source.path,
+        "format": fmt,
+        "weight": source.weight,
+        "examples": examples,
+        "train_examples": in_mixture,
+        "eval_examples": held_out,
+    }
+
+
+def weighted_pick(n: int, weight: float, seed: int, source: int) -> list[int]:
+    """Which of a source's ``n`` training examples go into the mixture, and how often: every example
+    ``floor(weight)`` times, plus a seeded ``weight - floor(weight)`` share of them once more.
+
+    A pure function of its arguments, so the mixture (and with it the global order of every epoch) is the same
+    on every rank and in every resumed run. The picked examples are the same each epoch; the epoch's order
+    shuffles the whole mixture anew.
+    """
+    whole = int(weight)
+    extra = round((weight - whole) * n)
+    gen = torch.Generator().manual_seed(_mix(seed, "weight", source))
+    return list(range(n)) * whole + sorted(torch.randperm(n, generator=gen)[:extra].tolist())
+
+
+def _tokenize_source(
+    cfg: DataConfig, source_path: str, source_format: str, tokenizer: Any, seed: int
+) -> tuple[list[dict], list[dict], str]:
+    """One file's (train examples, held-out examples, resolved format), checked, tokenized, truncated."""
+    path = Path(source_path)
+    rows = load_rows(source_path)
+    fmt, data_fmt = _resolve_format(rows, source_format, path)
     if data_fmt.needs_chat_template:
         _require_chat_template(tokenizer)
 
@@ -630,15 +713,7 @@ def _build_cache(cfg: DataConfig, tokenizer: Any, seed: int, target: Path) -> No
 
     train, held_out = _split(examples, cfg.eval_fraction, seed, path)
     logger.info("data: %s (%s format): %d train and %d eval examples", path, fmt, len(train), len(held_out))
-    if cfg.packing:
-        train, held_out = pack_examples(train, cfg.max_length), pack_examples(held_out, cfg.max_length)
-        logger.info(
-            "data: packed into %d train and %d eval sequences of up to %d tokens",
-            len(train),
-            len(held_out),
-            cfg.max_length,
-        )
-    _write_cache(target, train, held_out if cfg.eval_fraction > 0 else None)
+    return train, held_out, fmt
 
 
 def _split(examples: list[dict], fraction: float, seed: int, path: Path) -> tuple[list[dict], list[dict]]:
@@ -663,7 +738,9 @@ def _with_counts(rows: list[dict[str, list[int]]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns)
 
 
-def _write_cache(target: Path, train: list[dict], held_out: list[dict] | None) -> None:
+def _write_cache(
+    target: Path, train: list[dict], held_out: list[dict] | None, sources: list[dict[str, Any]] | None = None
+) -> None:
     # Write next to the target, then rename: a crash or a concurrent run never leaves a half-written folder
     # under the final name, and readers only test for that name.
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -673,7 +750,8 @@ def _write_cache(target: Path, train: list[dict], held_out: list[dict] | None) -
             _with_counts(train).save_to_disk(str(tmp / "train"))
             if held_out:
                 _with_counts(held_out).save_to_disk(str(tmp / "eval"))
-        (tmp / "done.json").write_text(json.dumps({"version": _CACHE_VERSION, "eval": bool(held_out)}))
+        done = {"version": _CACHE_VERSION, "eval": bool(held_out), "sources": sources or []}
+        (tmp / "done.json").write_text(json.dumps(done))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -687,28 +765,33 @@ def _is_complete(target: Path) -> bool:
     return (target / "done.json").is_file()
 
 
-def _load_cache(target: Path) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _load_cache(target: Path) -> tuple[datasets.Dataset, datasets.Dataset | None, list[dict[str, Any]]]:
     done = json.loads((target / "done.json").read_text())
     train = datasets.load_from_disk(str(target / "train"))
     held_out = datasets.load_from_disk(str(target / "eval")) if done["eval"] else None
-    return train, held_out
+    return train, held_out, done.get("sources", [])
 
 
 def _cache_name(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
-    path = Path(cfg.path)
-    _check_exists(path)
+    sources = cfg.sources()
+    for source in sources:
+        _check_exists(Path(source.path))
+    path = Path(sources[0].path)
     key = {
         "version": _CACHE_VERSION,
-        "data": _hash_path(path),
+        # One source keeps the key it always had; several add each one's bytes, format and weight.
+        "data": _hash_path(path)
+        if not cfg.datasets
+        else [[_hash_path(Path(s.path)), s.format, s.weight] for s in sources],
         "tokenizer": _hash_tokenizer(tokenizer),
-        "format": cfg.format,
+        "format": sources[0].format if not cfg.datasets else "mixed",
         "max_length": cfg.max_length,
         "packing": cfg.packing,
         "eval_fraction": cfg.eval_fraction,
         "seed": seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return f"{path.stem or 'data'}-{digest}"
+    return f"{path.stem or 'data'}{'-mix' if cfg.datasets else ''}-{digest}"
 
 
 def _hash_path(path: Path) -> str:

@@ -30,6 +30,7 @@ MINIMUM_VERSIONS = {
     "datasets": ("3.0", "load_dataset/load_from_disk as used here"),
 }
 DEEPSPEED_MINIMUM = ("0.16", "exclude_frozen_parameters in checkpoints; ZeRO-3 with 4-bit storage")
+FSDP2_TORCH_MINIMUM = ("2.8", "FSDP2's fully_shard with ignored_params and set_custom_all_gather")
 
 
 @dataclass
@@ -84,6 +85,8 @@ def run_checks(
     env = launch_env(launch_config, num_processes)
     run("launch", lambda: _check_launch(cfg, env))
     run("versions", lambda: _check_versions(env))
+    if cfg.train.report_to:
+        run("trackers", lambda: _check_trackers(cfg))
     model_ok = run("model", lambda: _check_model(cfg, holder))
     tokenizer_ok = run("tokenizer", lambda: _check_tokenizer(cfg, holder))
     if tokenizer_ok:
@@ -136,6 +139,8 @@ def _check_versions(env: Mapping[str, str]) -> str:
     wanted = dict(MINIMUM_VERSIONS)
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         wanted["deepspeed"] = DEEPSPEED_MINIMUM
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        wanted["torch"] = FSDP2_TORCH_MINIMUM
     found = []
     for package, (minimum, why) in wanted.items():
         try:
@@ -146,6 +151,13 @@ def _check_versions(env: Mapping[str, str]) -> str:
             raise UserError(f"{package} {have} is too old: need >= {minimum} for {why}; pip install -U {package}")
         found.append(f"{package} {have}")
     return ", ".join(found)
+
+
+def _check_trackers(cfg: RunConfig) -> str:
+    from .trackers import check_installed
+
+    check_installed(cfg.train.report_to)  # the same one-line error, naming the extra, that train gives
+    return f"{', '.join(cfg.train.report_to)} installed; project {cfg.train.project}"
 
 
 def _check_model(cfg: RunConfig, holder: dict) -> str:
@@ -175,11 +187,15 @@ def _check_data(cfg: RunConfig, holder: dict) -> str:
     from .data import _require_chat_template, check_rows, load_rows
     from .formats import get_format
 
-    rows = load_rows(cfg.data.path)
-    fmt = check_rows(rows, cfg.data.format, cfg.data.path)
-    if get_format(fmt).needs_chat_template:
-        _require_chat_template(holder["tokenizer"])
-    return f"{cfg.data.path}: {len(rows)} rows, {fmt} format, every row has what the format needs"
+    found = []
+    for source in cfg.data.sources():  # data.path, or each of data.datasets in its own format
+        rows = load_rows(source.path)
+        fmt = check_rows(rows, source.format, source.path)
+        if get_format(fmt).needs_chat_template:
+            _require_chat_template(holder["tokenizer"])
+        weight = f", weight {source.weight:g}" if cfg.data.datasets else ""
+        found.append(f"{source.path}: {len(rows)} rows, {fmt} format{weight}")
+    return "; ".join(found) + ", every row has what the format needs"
 
 
 def _check_lora(cfg: RunConfig, holder: dict) -> str:

@@ -114,6 +114,18 @@ def check_weight_files(cfg: ModelConfig, folder: Path) -> None:
             raise UserError(f"model.name_or_path={cfg.name_or_path}: {f.name} is {problem}; download it again")
 
 
+def local_copy_hint(name_or_path: str) -> str:
+    """``; to use a local copy ...`` for something that looks like a hub id, else nothing."""
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        return ""
+    local = "./" + name_or_path.split("/")[1]
+    return (
+        f"; to use a local copy, download it where a hub is reachable (hf download {name_or_path} --local-dir "
+        f"{local}) and set model.name_or_path={local}, a local folder holding config.json"
+    )
+
+
 def check_not_prequantized(config_json: Path) -> None:
     """Refuse checkpoints already quantized by another method (GPTQ, AWQ, ...): QLoRA quantizes an
     unquantized checkpoint to NF4 itself, and a pre-quantized one cannot be re-quantized or sharded by ZeRO-3."""
@@ -217,7 +229,11 @@ def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> 
             "reentrant gradient checkpointing under DDP fails with 'Expected to mark a variable ready only once' "
             "(and needs inputs that require grad): use the non-reentrant mode (reentrant=False)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
@@ -250,8 +266,14 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_model_path(cfg)
-    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    local = check_model_path(cfg)
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        if local is not None:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0].rstrip(".")
+        raise UserError(f"model.name_or_path={cfg.name_or_path}: {first}{local_copy_hint(cfg.name_or_path)}") from None
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
@@ -316,6 +338,7 @@ def local_base_bytes(model: nn.Module) -> int:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             held = getattr(p, "ds_tensor", p)
+            held = held.to_local() if _is_dtensor(held) else held  # FSDP2: this rank's shard
             total += held.numel() * held.element_size()
     return total
 
@@ -349,8 +372,16 @@ def base_param_name(name: str) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    if _is_dtensor(t):  # FSDP2-sharded: gathered whole (a collective: every rank checksums the same names)
+        t = t.full_tensor()
     t = t.detach().to("cpu").contiguous()
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _logical_numel(p: torch.Tensor) -> int:

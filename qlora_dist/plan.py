@@ -105,7 +105,7 @@ class LaunchPlan:
     """The parts of an accelerate launch config that change memory."""
 
     strategy: str = "single"
-    """``single``, ``ddp``, ``zero2`` or ``zero3`` (as ``run_report.json`` names them)."""
+    """``single``, ``ddp``, ``zero2``, ``zero3`` or ``fsdp2`` (as ``run_report.json`` names them)."""
     num_processes: int = 1
     num_machines: int = 1
     offload_optimizer: str = "none"
@@ -113,6 +113,9 @@ class LaunchPlan:
     zero3_init: bool = False
     deepspeed: dict[str, int] = field(default_factory=lambda: dict(_DEEPSPEED_DEFAULTS))
     """Bucket sizes and the persistence threshold (elements) DeepSpeed runs with."""
+    fsdp: dict[str, str] = field(default_factory=dict)
+    """``FSDP_*`` variables accelerate's launcher exports from ``fsdp_config`` (what the fsdp2 strategy reads)."""
+    mixed_precision: str = "no"
     source: str = "default: DDP, one process per GPU"
 
     @property
@@ -138,6 +141,8 @@ class LaunchPlan:
                 ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=self.offload_param,
                 ACCELERATE_DEEPSPEED_ZERO3_INIT=str(self.zero3_init).lower(),
             )
+        if self.strategy == "fsdp2":
+            env.update(ACCELERATE_USE_FSDP="true", ACCELERATE_MIXED_PRECISION=self.mixed_precision, **self.fsdp)
         return env
 
 
@@ -172,8 +177,10 @@ def read_launch_config(path: str | Path) -> LaunchPlan:
             num_machines=machines,
             source=str(p),
         )
+    if kind == "FSDP":
+        return _read_fsdp(raw, processes, machines, p)
     if kind != "DEEPSPEED":
-        raise UserError(f"{p}: distributed_type {kind} is not planned: use DDP (MULTI_GPU) or DEEPSPEED")
+        raise UserError(f"{p}: distributed_type {kind} is not planned: use DDP (MULTI_GPU), DEEPSPEED or FSDP")
     ds = raw.get("deepspeed_config") or {}
     if not isinstance(ds, dict):
         raise UserError(f"{p}: deepspeed_config must be a mapping")
@@ -204,6 +211,26 @@ def read_launch_config(path: str | Path) -> LaunchPlan:
         offload_param=str(offload_par or "none").lower(),
         zero3_init=str(ds.get("zero3_init_flag", False)).lower() == "true",
         deepspeed=sizes,
+        source=str(p),
+    )
+
+
+def _read_fsdp(raw: dict[str, Any], processes: int, machines: int, p: Path) -> LaunchPlan:
+    """``distributed_type: FSDP``: ``fsdp_config`` as the ``FSDP_*`` variables accelerate's launcher exports
+    (``fsdp_version`` becomes ``FSDP_VERSION``, booleans ``true``/``false``)."""
+    fsdp = raw.get("fsdp_config") or {}
+    if not isinstance(fsdp, dict):
+        raise UserError(f"{p}: fsdp_config must be a mapping")
+    env = {"FSDP_VERSION": "1"}  # accelerate's default when the file does not say
+    for key, value in fsdp.items():
+        name = "FSDP_" + str(key).removeprefix("fsdp_").upper()
+        env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return LaunchPlan(
+        strategy="fsdp2",
+        num_processes=processes,
+        num_machines=machines,
+        fsdp=env,
+        mixed_precision=str(raw.get("mixed_precision", "no") or "no").lower(),
         source=str(p),
     )
 
@@ -260,6 +287,8 @@ class ModelLayout:
     head_dim: int
     vocab: int
     checkpoint_dtype: str
+    rows: dict[str, int] = field(default_factory=dict)
+    """Dimension 0 of each unquantized parameter (FSDP2 shards every parameter along it)."""
 
     @property
     def total_params(self) -> int:
@@ -279,8 +308,11 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         what = "folder has no config.json" if folder.is_dir() else "no such folder"
+        from .model import local_copy_hint
+
         raise UserError(
-            f"model.name_or_path={name_or_path}: {what} (the planner reads the model's config.json from a local folder)"
+            f"model.name_or_path={name_or_path}: {what} (the planner reads the model's config.json from a local "
+            f"folder){local_copy_hint(name_or_path)}"
         )
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -314,13 +346,14 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
                 quantized_names.add(mname)
     strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     loose = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    unquantized = []
+    unquantized, rows = [], {}
     for pname, p in model.named_parameters():
         owner, _, leaf = pname.rpartition(".")
         if owner in quantized_names and leaf == "weight":
             continue
         rule = "always" if _matches_any(pname, strict) else "float16" if _matches_any(pname, loose) else ""
         unquantized.append((pname, p.numel(), rule))
+        rows[pname] = int(p.shape[0]) if p.dim() else 1
 
     heads = int(getattr(text_cfg, "num_attention_heads", 1) or 1)
     hidden = int(getattr(text_cfg, "hidden_size", 0) or 0)
@@ -339,6 +372,7 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
         head_dim=int(getattr(text_cfg, "head_dim", None) or (hidden // heads if heads else 0)),
         vocab=int(getattr(text_cfg, "vocab_size", 0) or 0),
         checkpoint_dtype=str(ckpt_dtype).replace("torch.", ""),
+        rows=rows,
     )
     return layout
 
@@ -572,6 +606,7 @@ ITEMS = (
     ("master_weights", "DeepSpeed fp32 master partition"),
     ("comm_buffers", "gradient communication buckets"),
     ("zero3_gathered", "ZeRO-3 gathered weights (largest module + prefetch)"),
+    ("fsdp2_gathered", "FSDP2 gathered weights (root unit + 2 decoder layers)"),
     ("activations", "activations"),
     ("overhead", "CUDA context + workspaces"),
 )
@@ -632,7 +667,11 @@ def plan_memory(
         compute = "bfloat16" if device == "cuda" else "float32"
     ds = _deepspeed_sizes(launch, layout)
     place = _Placement(
-        world, launch.strategy == "zero3", launch.offloads_params, ds["stage3_param_persistence_threshold"]
+        world,
+        launch.strategy == "zero3",
+        launch.offloads_params,
+        ds["stage3_param_persistence_threshold"],
+        fsdp2=launch.strategy == "fsdp2",
     )
     lora = lora_shapes(layout, config.lora.target_modules, config.lora.r)
     weights = _weight_bytes(config, layout, place, compute, lora)
@@ -657,6 +696,7 @@ def plan_memory(
     per_gpu = {
         **{k: weights[k] for k in ("nf4_weights", "unquantized", "lora")},
         **{k: state[k] for k in ("gradients", "optimizer", "master_weights", "comm_buffers", "zero3_gathered")},
+        "fsdp2_gathered": fsdp2_gathered_bytes(config, layout, compute) if place.fsdp2 else 0,
         "activations": activations(config.train.micro_batch_size, ckpt),
         "overhead": overhead,
     }
@@ -665,6 +705,10 @@ def plan_memory(
     per_gpu["activations_with_checkpointing"] = activations(config.train.micro_batch_size, True)
     per_gpu["activations_without_checkpointing"] = activations(config.train.micro_batch_size, False)
     per_gpu["optimizer_paged"] = state["paged"]
+    # FSDP2 here loads and quantizes the whole base on every device before sharding it: that moment can be
+    # the peak (DDP's weights, no training state yet).
+    replica = _weight_bytes(config, layout, dataclasses.replace(place, fsdp2=False), compute, lora)
+    per_gpu["load_peak"] = replica["nf4_weights"] + replica["unquantized"] + overhead if place.fsdp2 else 0
 
     per_node = -(-world // max(1, launch.num_machines))
     offloaded = weights["host"] + state["host"]
@@ -691,11 +735,18 @@ def plan_memory(
         gradient_checkpointing=ckpt,
         per_gpu_bytes=per_gpu,
         gpu_memory_bytes=gpu_memory,
-        fits=per_gpu["total"] <= gpu_memory,
-        max_micro_batch=_largest_batch(lambda b: static + activations(b, ckpt), gpu_memory),
+        fits=max(per_gpu["total"], per_gpu["load_peak"]) <= gpu_memory,
+        max_micro_batch=0
+        if per_gpu["load_peak"] > gpu_memory
+        else _largest_batch(lambda b: static + activations(b, ckpt), gpu_memory),
         peak_allocated_bytes=per_gpu["total"] - overhead - state["paged"],
         host=host,
-        notes=_notes(config, launch, state, ds),
+        notes=_notes(config, launch, state, ds)
+        + (
+            [f"fsdp2 loads the whole 4-bit base on each GPU before sharding it: {per_gpu['load_peak'] / GIB:.2f} GiB"]
+            if place.fsdp2
+            else []
+        ),
     )
 
 
@@ -707,6 +758,8 @@ class _Placement:
     zero3: bool
     offload_params: bool
     persistence_threshold: int
+    fsdp2: bool = False
+    """FSDP2 as qlora_dist runs it: the frozen base sharded along dimension 0, LoRA whole (see ``_weight_bytes``)."""
 
     def gpu(self, elements: int) -> int:
         """Elements this rank holds on its GPU: everything, or under ZeRO-3 its partition ``ceil(n / N)``
@@ -738,6 +791,19 @@ def _weight_bytes(
         storage = "uint8"
     s = _DTYPE_BYTES[storage]
     out = {"nf4_weights": 0, "unquantized": 0, "lora": 0, "host": 0}
+    if place.fsdp2:
+        # fully_shard splits dimension 0 in world chunks; rank 0 holds the largest, ceil(rows / world) rows. The
+        # packed data is one column; the quantization state is not a parameter and stays whole; LoRA stays whole.
+        w = place.world
+        for q in layout.quantized:
+            b = nf4_layer_bytes(q.numel, config.quant.double_quant, s)
+            out["nf4_weights"] += -(-(b["packed"] // s) // w) * s + b["state"]
+        for name, n, rule in layout.unquantized:
+            size = 4 if rule == "always" or (rule == "float16" and compute == "float16") else _DTYPE_BYTES[compute]
+            rows = layout.rows.get(name, 1) or 1
+            out["unquantized"] += -(-rows // w) * (n // rows) * size
+        out["lora"] = 4 * sum(n for _, n in lora)
+        return out
     for q in layout.quantized:
         b = nf4_layer_bytes(q.numel, config.quant.double_quant, s)
         out["nf4_weights"] += place.gpu(b["packed"] // s) * s + b["state"]
@@ -772,7 +838,8 @@ def _training_state_bytes(
         out["gradients"] = 4 * sum(numels)
         opt = optimizer_bytes(name, numels, step_on_device=device == "cpu")
         # qlora_dist's DDP uses gradient_as_bucket_view: the gradients live in the reducer's buckets, no copy.
-        out["comm_buffers"] = 0
+        # FSDP2 all-reduces the LoRA gradients as one flat fp32 buffer, which then holds them (views).
+        out["comm_buffers"] = 4 * sum(numels) if launch.strategy == "fsdp2" else 0
     else:
         # DeepSpeed hands the optimizer one flat fp32 partition of all adapter weights per rank.
         partition = -(-sum(numels) // place.world)
@@ -812,6 +879,35 @@ def _notes(config: RunConfig, launch: LaunchPlan, state: dict[str, Any], ds: dic
     return notes
 
 
+def fsdp2_gathered_bytes(config: RunConfig, layout: ModelLayout, compute: str) -> int:
+    """Estimated: the weights FSDP2 holds whole at once, beyond each rank's shard: the root unit (embeddings,
+    final norm, head: gathered for the whole forward and backward) plus two decoder layers (the one computing
+    and the next one, prefetched). Packed NF4 data in the storage dtype, everything else in the compute dtype."""
+    storage = "uint8" if config.quant.storage_dtype == "auto" else config.quant.storage_dtype
+    s, e = _DTYPE_BYTES[storage], _DTYPE_BYTES[compute]
+    per_layer: dict[str, int] = {}
+    root = 0
+    for q in layout.quantized:
+        b = nf4_layer_bytes(q.numel, config.quant.double_quant, s)["packed"]
+        key = _layer_of(q.name)
+        if key is None:
+            root += b
+        else:
+            per_layer[key] = per_layer.get(key, 0) + b
+    for name, n, _ in layout.unquantized:
+        key = _layer_of(name)
+        if key is None:
+            root += n * e
+        else:
+            per_layer[key] = per_layer.get(key, 0) + n * e
+    return root + 2 * max(per_layer.values(), default=0)
+
+
+def _layer_of(name: str) -> str | None:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return m.group(1) if m else None
+
+
 def _module_bytes(name: str, elements: int, layout: ModelLayout, e: int, s_bytes: int, double_quant: bool) -> int:
     """Bytes of a module's parameters gathered whole under ZeRO-3 (packed NF4 in the storage dtype)."""
     for q in layout.quantized:
@@ -829,6 +925,10 @@ def _check_strategy(config: RunConfig, launch: LaunchPlan) -> None:
     name = launch.strategy
     if wanted != "auto" and wanted != name and not (wanted == "ddp" and name == "single"):
         raise ConfigError(f"train.strategy={wanted} but the launch config gives {name}: set train.strategy=auto")
+    if launch.strategy == "fsdp2":
+        from .strategies.fsdp2 import FSDP2Strategy
+
+        FSDP2Strategy.from_env(launch.to_env()).check(config)
     if launch.zero_stage:
         from .strategies.deepspeed import DeepSpeedStrategy
 
@@ -889,7 +989,7 @@ def format_plan(plan: MemoryPlan) -> str:
             label = f"activations (checkpointing {ckpt}; {flip}: {other / GIB:.2f})"
         elif key == "optimizer":
             label = f"optimizer state ({plan.optimizer})"
-        elif b[key] == 0 and key in ("master_weights", "comm_buffers", "zero3_gathered", "overhead"):
+        elif b[key] == 0 and key in ("master_weights", "comm_buffers", "zero3_gathered", "fsdp2_gathered", "overhead"):
             continue
         lines.append(f"  {label:<52}{b[key] / GIB:>9.2f}")
     lines.append(f"  {'total':<52}{b['total'] / GIB:>9.2f}")
@@ -932,6 +1032,14 @@ def launch_from_env(env: dict[str, str] | None = None) -> LaunchPlan:
 
     env = dict(os.environ) if env is None else env
     world = int(env.get("WORLD_SIZE", "1"))
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return LaunchPlan(
+            strategy="fsdp2",
+            num_processes=world,
+            fsdp={k: v for k, v in env.items() if k.startswith("FSDP_")},
+            mixed_precision=env.get("ACCELERATE_MIXED_PRECISION", "no"),
+            source="environment",
+        )
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         return LaunchPlan(strategy="ddp" if world > 1 else "single", num_processes=world, source="environment")
     return LaunchPlan(

@@ -6,8 +6,11 @@
     accelerator = plugin.make_accelerator()
     model, tokenizer = plugin.load_model(accelerator)
     train_data, eval_data = plugin.load_data(accelerator, tokenizer)
-    model, optimizer = plugin.prepare(accelerator, model, plugin.make_optimizer(model))
-    ...  # your own loop; plugin.epoch_steps(...) yields this rank's shard, step by step
+    optimizer = plugin.make_optimizer(model)
+    scheduler = plugin.make_scheduler(optimizer, total_steps)
+    model, optimizer = plugin.prepare(accelerator, model, optimizer)
+    ...  # your own loop; plugin.epoch_steps(...) yields this rank's shard, step by step;
+         # plugin.train_step(...) or plugin.loss_scale(...) normalise the loss as qlora-dist train does
     plugin.finish(accelerator, model, tokenizer)
 
 ``qlora-dist train`` is built from exactly these pieces (see ``train.py``), so the library and the ready
@@ -28,9 +31,10 @@ from typing import Any
 
 import torch
 
-from . import attention, checkpoint, lock, preemption
+from . import attention, checkpoint, lock, preemption, quiet
 from . import data as data_mod
 from . import model as model_mod
+from . import trackers as tracker_mod
 from .callbacks import Callbacks, Event
 from .config import RunConfig, from_dict, load_config
 from .distributed import (
@@ -69,6 +73,11 @@ class QLoRAPlugin:
         self.callbacks = Callbacks(self.config.train.callbacks)
         self.facts: dict[str, Any] = {}
         self._start = time.perf_counter()
+        self._prepared = False  # whether prepare() wrapped the model (the comm counters are attached)
+        self.compute_dtype: torch.dtype | None = None  # known once there is an accelerator (its device)
+        self.tracker_ids: dict[str, str] = {}
+        # Library use gets the command line's quiet set-up, without replacing a logging set-up of its own.
+        quiet.setup_logging(force=False)
 
     # -- construction -------------------------------------------------------------------------------------
 
@@ -98,7 +107,9 @@ class QLoRAPlugin:
                 f"output.dir={self.output_dir} already holds a finished run; "
                 "choose another output.dir or set output.overwrite=true"
             )
-        accelerator = make_accelerator(**{**self.strategy.accelerator_kwargs(on_cpu()), **kwargs})
+        quiet.quiet_libraries()
+        trackers = tracker_mod.accelerator_kwargs(self.config.train.report_to, self.output_dir)
+        accelerator = make_accelerator(**{**self.strategy.accelerator_kwargs(on_cpu()), **trackers, **kwargs})
         self.compute_dtype = model_mod.resolve_dtype(self.config.quant.compute_dtype, accelerator.device)
         optimizer = self.strategy.optimizer_name(self.config.train.optimizer)
         if on_cpu() and accelerator.is_main_process and optimizer.startswith("paged"):
@@ -112,6 +123,8 @@ class QLoRAPlugin:
     def load_model(self, accelerator, tokenizer=None) -> tuple[torch.nn.Module, Any]:
         """The NF4 base on this process's device, frozen, checkpointed, with LoRA attached; and its tokenizer."""
         cfg = self.config
+        if self.compute_dtype is None:  # an Accelerator the user made: its device decides what auto means
+            self.compute_dtype = model_mod.resolve_dtype(cfg.quant.compute_dtype, accelerator.device)
         tokenizer = tokenizer if tokenizer is not None else self.load_tokenizer()
         quant = dataclasses.replace(cfg.quant, storage_dtype=self.strategy.storage_dtype(cfg, self.compute_dtype))
         self.quant = quant
@@ -141,8 +154,13 @@ class QLoRAPlugin:
         return model, tokenizer
 
     def load_data(self, accelerator, tokenizer):
-        """Tokenized (train, eval) data sets; the local main process tokenizes first, the others read its cache."""
-        return data_mod.prepare_datasets(
+        """Tokenized (train, eval) data sets; the local main process tokenizes first, the others read its cache.
+
+        Rows have ``input_ids``, ``labels`` (-100 where no loss is taken), ``num_tokens`` (labels that count),
+        ``position_ids`` when packing, and ``source`` (index into ``data.datasets``) when mixing unpacked.
+        Several ``data.datasets`` are mixed by weight into one training set; the per-source counts go into the
+        report (``data_sources``)."""
+        train, held_out, sources = data_mod.prepare_sources(
             self.config.data,
             tokenizer,
             seed=self.config.train.seed,
@@ -150,6 +168,58 @@ class QLoRAPlugin:
             is_main_process=accelerator.is_local_main_process,
             wait_for_everyone=accelerator.wait_for_everyone,
         )
+        self.facts["data_sources"] = sources
+        return train, held_out
+
+    def make_scheduler(self, optimizer, total_steps: int):
+        """The learning-rate schedule of ``train.lr_scheduler``: linear warmup over ``train.warmup_ratio`` of
+        ``total_steps`` optimizer steps, then cosine, linear or constant. Call ``scheduler.step()`` per step."""
+        from .train import make_scheduler
+
+        t = self.config.train
+        return make_scheduler(optimizer, t.lr_scheduler, math.ceil(t.warmup_ratio * total_steps), total_steps)
+
+    def loss_scale(self, accelerator, micro_batches: list[dict]) -> tuple[float, float]:
+        """(factor, global label tokens) for one optimizer step: multiply each micro-batch's *summed* token loss
+        by the factor before backward, and 2 ranks x micro-batch b train exactly like 1 rank x 2b. Every rank
+        calls it once per step (one small all-reduce). See :func:`qlora_dist.train.loss_scale`."""
+        from .train import loss_scale
+
+        return loss_scale(micro_batches, accelerator)
+
+    def train_step(self, accelerator, model, micro_batches: list[dict]) -> tuple[float, int]:
+        """Forward and backward over one optimizer step's micro-batches with qlora-dist train's own loss
+        (token cross-entropy, normalised by :meth:`loss_scale`); returns (global mean loss, real tokens over all
+        ranks). Then call ``plugin.strategy.step(...)`` and ``scheduler.step()``."""
+        from .train import train_step
+
+        loss, tokens, _ = train_step(model, micro_batches, accelerator, self.strategy)
+        return loss, tokens
+
+    def evaluate(self, accelerator, model, eval_data, pad_id: int) -> float:
+        """Token-mean loss over ``eval_data``, each rank taking its share (every rank calls this)."""
+        from .train import evaluate
+
+        return evaluate(model, eval_data, accelerator, self.config.train.micro_batch_size, pad_id)
+
+    # -- experiment trackers ------------------------------------------------------------------------------
+
+    def start_trackers(self, accelerator, state=None) -> None:
+        """Open the runs of ``train.report_to`` (after :meth:`resume`, with its ``state``: a resumed run
+        continues the same tracker runs, their ids being kept in the checkpoints)."""
+        ids = dict(state.trackers) if state is not None else {}
+        self.tracker_ids = tracker_mod.start(accelerator, self.config, ids, resume_step=state.step if state else 0)
+        if state is not None:
+            state.trackers = self.tracker_ids
+
+    def log_metrics(self, accelerator, row: dict[str, Any]) -> None:
+        """Send a metrics row (``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``eval_loss``) to
+        the trackers under its step, as ``train/loss``, ``train/lr``, ..., ``eval/loss`` (main process only)."""
+        tracker_mod.log_row(accelerator, row)
+
+    def finish_trackers(self, accelerator) -> None:
+        """Close the tracker runs (``accelerator.end_training()`` does this too)."""
+        tracker_mod.finish(accelerator)
 
     def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """The configured optimizer over the trainable (adapter) parameters only."""
@@ -183,6 +253,7 @@ class QLoRAPlugin:
         """Wrap model and optimizer for the strategy (DDP or a DeepSpeed engine) and start counting the bytes
         its collectives move."""
         t = self.config.train
+        self._prepared = True
         return self.strategy.prepare(accelerator, model, optimizer, t.micro_batch_size, t.grad_accum, t.max_grad_norm)
 
     def steps_per_epoch(self, num_examples: int, world_size: int) -> int:
@@ -191,7 +262,8 @@ class QLoRAPlugin:
         per_rank = num_examples // world_size
         if per_rank == 0:
             raise UserError(
-                f"data.path={self.config.data.path}: {num_examples} training examples for {world_size} processes"
+                f"data.path={self.config.data.path or ', '.join(s.path for s in self.config.data.datasets)}: "
+                f"{num_examples} training examples for {world_size} processes"
             )
         return math.ceil(math.ceil(per_rank / t.micro_batch_size) / t.grad_accum)
 
@@ -240,8 +312,9 @@ class QLoRAPlugin:
                 "lora_checksum": model_mod.lora_checksum(unwrapped, strategy.gathered),
                 "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 "base_bytes": model_mod.local_base_bytes(unwrapped),
-                # Before anything below gathers: only the training loop's collectives are timed.
-                "comm_seconds": getattr(strategy, "comm_seconds", lambda: None)(),
+                # Before anything below gathers: only the training loop's collectives are timed. Not measured
+                # (None) when the model was wrapped without plugin.prepare: nothing counted it.
+                "comm_seconds": getattr(strategy, "comm_seconds", lambda: None)() if self._prepared else None,
                 "indices": stats.get("indices_first_epoch", []),
             }
         )
@@ -272,6 +345,10 @@ class QLoRAPlugin:
             )
             replace_dir(tmp, adapter_dir)
         steps = stats.get("steps") or 0
+        # accelerator.prepare instead of plugin.prepare: the counters never saw the collectives. null, not 0.
+        # The counters only saw this launch's steps: a resumed run divides by those, not by every step of the run.
+        launch_steps = steps - (stats.get("resumed_from_step") or 0)
+        counted = launch_steps > 0 and self._prepared
         comm = strategy.comm_bytes()
         report: dict[str, Any] = {
             "world_size": accelerator.num_processes,
@@ -285,17 +362,18 @@ class QLoRAPlugin:
                 k: self.facts[k]
                 for k in ("trainable_params", "total_params", "trainable_grad_bytes", "full_grad_bytes")
             },
-            "grad_sync_bytes_per_step": comm["grad_sync"] // steps if steps else None,
-            "param_gather_bytes_per_step": comm["param_gather"] // steps if steps else None,
-            "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // steps if steps else None,
+            "grad_sync_bytes_per_step": comm["grad_sync"] // launch_steps if counted else None,
+            "param_gather_bytes_per_step": comm["param_gather"] // launch_steps if counted else None,
+            "optimizer_gather_bytes_per_step": comm["optimizer_gather"] // launch_steps if counted else None,
             "comm_seconds_per_step": [
-                None if r["comm_seconds"] is None or not steps else r["comm_seconds"] / steps for r in per_rank
+                None if r["comm_seconds"] is None or not counted else r["comm_seconds"] / launch_steps for r in per_rank
             ],
             "base_checksum_before": self.facts["base_checksum_before"],
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
             "lora_checksum_per_rank": [r["lora_checksum"] for r in per_rank],
             "examples_per_rank": [len(r["indices"]) for r in per_rank] if any(r["indices"] for r in per_rank) else None,
             "data_shards": shard_facts([r["indices"] for r in per_rank], stats.get("num_examples")),
+            "data_sources": self.facts.get("data_sources"),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
             "base_bytes_per_rank": [r["base_bytes"] for r in per_rank],
         }

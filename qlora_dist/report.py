@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
+        self.sink: Callable[[dict[str, Any]], None] | None = None
+        """Also called with every row written (the experiment trackers)."""
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step and path.is_file():
@@ -40,6 +43,8 @@ class MetricsLog:
         if self.enabled:
             with disk_errors("metrics", self.path), self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.sink is not None:
+            self.sink(row)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

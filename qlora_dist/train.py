@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import checkpoint, preemption
 from .checkpoint import TrainState
 from .config import RunConfig
 from .data import collate
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, peak_memory_bytes
 from .plugin import QLoRAPlugin
 from .preemption import StopSignal
+from .progress import Progress
 from .report import MetricsLog, plot_loss
 
 log = logging.getLogger(__name__)
@@ -58,22 +58,23 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     if resume_from is not None:  # the schedule keeps the length it had when the run first started
         state.total_steps = checkpoint.read_state(resume_from).total_steps
     optimizer = plugin.make_optimizer(model)
-    scheduler = make_scheduler(
-        optimizer, t.lr_scheduler, math.ceil(t.warmup_ratio * state.total_steps), state.total_steps
-    )
+    scheduler = plugin.make_scheduler(optimizer, state.total_steps)
     model, optimizer = plugin.prepare(accelerator, model, optimizer)
     if resume_from is not None:
         state = plugin.resume(resume_from, accelerator, model, optimizer, scheduler)
     resumed_from_step = state.step if resume_from is not None else None
     plugin.write_resolved_config(accelerator, fresh=resume_from is None)
+    plugin.start_trackers(accelerator, state)  # train.report_to; a resumed run continues its tracker runs
 
     metrics = MetricsLog(plugin.output_dir / "metrics.jsonl", accelerator.is_main_process, resume_step=state.step)
+    metrics.sink = lambda row: plugin.log_metrics(accelerator, row)  # every row to the trackers, same step
     log.info(
         "training %d steps on %d process(es): %d examples, %d steps/epoch, global batch %d%s",
         state.total_steps, world, len(train_data), steps_per_epoch, global_batch,
         f", from step {state.step}" if state.step else "",
     )  # fmt: skip
-    progress = tqdm(total=state.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+    # A bar on a terminal; in a log file a line every train.progress_steps steps (no carriage-return redraws).
+    progress = Progress(state.total_steps, state.step, accelerator.is_main_process, t.progress_steps)
 
     loss = eval_loss = None
     model.train()
@@ -103,8 +104,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
                 row["eval_loss"] = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id)
             if state.step % t.log_steps == 0 or finished(state, t) or "eval_loss" in row:
                 metrics.write({**row, "elapsed_s": round(state.train_seconds, 3)})
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            progress.update(1)
+            progress.update(state.step, row, peak_memory_bytes(accelerator.device))
             stopped_by_callback = plugin.step_end_callbacks(accelerator, state.step, row)
 
             # Every rank saw the same (all-reduced) stop flag, so all stop at this same step boundary.
@@ -115,6 +115,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
                 # node finishes must not take rank 0 down half-way through writing it.
                 accelerator.wait_for_everyone()
                 progress.close()
+                plugin.finish_trackers(accelerator)
                 return None
             if t.save_steps and state.step % t.save_steps == 0 and not finished(state, t):
                 plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
@@ -155,19 +156,29 @@ def finished(state: TrainState, t) -> bool:
     return state.step >= t.max_steps if t.max_steps else state.epoch >= t.epochs
 
 
+def loss_scale(micro_batches: list[dict[str, torch.Tensor]], accelerator) -> tuple[float, float]:
+    """(factor for each micro-batch's summed token loss, label tokens of the whole global batch).
+
+    The step's loss normalisation, in one place: the summed loss of every micro-batch is divided by the label
+    tokens of the whole global batch (every rank, every micro-batch; one small all-reduce) and multiplied by the
+    world size, because DDP and DeepSpeed average gradients over ranks. The gradient is then the same whatever
+    the split: 2 ranks x micro-batch b gives what 1 rank x 2b gives. Call it on every rank, once per step.
+    """
+    local_targets = sum(target_count(b) for b in micro_batches)
+    (global_targets,) = all_reduce_sum([local_targets], accelerator.device)
+    return accelerator.num_processes / max(global_targets, 1.0), global_targets
+
+
 def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy, stop: bool = False):
     """Forward and backward over one optimizer step's micro-batches.
 
     Returns (global mean loss, real tokens over all ranks, whether any rank asked to stop): the stop flag
     rides on the loss all-reduce, so agreeing to stop costs no extra collective.
 
-    The loss is normalised by the label tokens of the whole global batch (every rank, every micro-batch), and
-    multiplied by the world size because DDP and DeepSpeed average gradients over ranks. The gradient is then
-    the same whatever the split: 2 ranks x micro-batch b gives what 1 rank x 2b gives.
+    The loss is normalised by :func:`loss_scale`: by the label tokens of the whole global batch, times the
+    world size.
     """
-    local_targets = sum(target_count(b) for b in micro_batches)
-    (global_targets,) = all_reduce_sum([local_targets], accelerator.device)
-    scale = accelerator.num_processes / max(global_targets, 1.0)
+    scale, global_targets = loss_scale(micro_batches, accelerator)
     loss_sum, real_tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "index"}
@@ -228,7 +239,7 @@ def evaluate(model, dataset, accelerator, batch_size: int, pad_id: int) -> float
 
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then cosine, linear or constant."""
+    """Linear warmup, then cosine, linear or constant (``plugin.make_scheduler`` reads these from the config)."""
     from transformers import get_scheduler
 
     kind = "constant_with_warmup" if name == "constant" else name

@@ -1,4 +1,4 @@
-"""Distribution strategies: what changes between DDP and DeepSpeed ZeRO, in one small protocol.
+"""Distribution strategies: what changes between DDP, DeepSpeed ZeRO and FSDP2, in one small protocol.
 
 The launch config (accelerate's, in ``launch_configs/``) decides the strategy; ``resolve_strategy`` reads it
 from the environment accelerate's launcher sets, before anything heavy loads, and refuses a run config
@@ -23,9 +23,9 @@ class Strategy(Protocol):
     """Everything the training loop and the plugin ask of a distribution strategy."""
 
     name: str
-    """``single``, ``ddp``, ``zero2`` or ``zero3`` (``run_report.json``'s ``strategy``)."""
+    """``single``, ``ddp``, ``zero2``, ``zero3`` or ``fsdp2`` (``run_report.json``'s ``strategy``)."""
     shards_parameters: bool
-    """True when each rank holds only a share of every parameter (ZeRO-3)."""
+    """True when each rank holds only a share of every parameter (ZeRO-3), or of the frozen base (FSDP2)."""
 
     def check(self, config: RunConfig) -> None:
         """Refuse known-bad combinations before anything loads (ConfigError naming the setting to change)."""
@@ -77,12 +77,52 @@ STRATEGIES: Registry[Any] = Registry("strategies")
 """Strategy factories by name. Built-ins follow the launch; a plugin's factory is called as ``factory(config)``
 and returns an object with the :class:`Strategy` methods."""
 
-BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3", "deepspeed")
+BUILTIN_NAMES = ("auto", "ddp", "zero2", "zero3", "fsdp2")
+"""The one strategy vocabulary: ``train.strategy``, ``qlora-dist plugins``, the report and the README use these
+(plus ``single``, what ``ddp`` is with one process). ``deepspeed`` is only the registry's factory for zero2/zero3."""
+_FACTORIES = {"deepspeed": "zero2, zero3"}
+"""Registry entries that are factories behind user-facing names, not names a run config may give."""
+
+
+def check_strategy_name(name: str) -> None:
+    """Refuse a ``train.strategy`` that is neither a built-in name nor a plugin (without loading any plugin)."""
+    if name in BUILTIN_NAMES or ":" in name:
+        return
+    if name in _FACTORIES:
+        raise ConfigError(
+            f"train.strategy={name} is not a strategy name: the DeepSpeed strategies are zero2 and zero3 "
+            "(use the one your launch config's zero_stage gives, or auto)"
+        )
+    if name not in STRATEGIES.names():
+        plugins = [n for n in STRATEGIES.names() if n not in BUILTIN_NAMES and n not in _FACTORIES]
+        raise ConfigError(
+            f"train.strategy={name!r} is not allowed: choose one of {' | '.join((*BUILTIN_NAMES, *plugins))} "
+            "(or install a strategy plugin, see `qlora-dist plugins`)"
+        )
+
+
+def user_facing_strategies() -> list[tuple[str, str]]:
+    """(name, source) of every strategy a run config may name, for ``qlora-dist plugins``."""
+    rows = []
+    for name, source in STRATEGIES.available():
+        if name in _FACTORIES:
+            rows += [(n.strip(), source) for n in _FACTORIES[name].split(",")]
+        else:
+            rows.append((name, source))
+    return [("auto", "built-in (follows the launch config)"), *sorted(rows)]
 
 
 def launched_with_deepspeed(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def _launched_kind(env: Mapping[str, str]) -> str:
+    from .fsdp2 import launched_with_fsdp
+
+    if launched_with_deepspeed(env):
+        return "deepspeed"
+    return "fsdp2" if launched_with_fsdp(env) else "ddp"
 
 
 def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) -> Strategy:
@@ -93,13 +133,9 @@ def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) ->
     if wanted not in BUILTIN_NAMES:
         strategy: Strategy = STRATEGIES.get(wanted)(config)
     else:
-        factory = STRATEGIES.get("deepspeed" if launched_with_deepspeed(env) else "ddp")
+        factory = STRATEGIES.get(_launched_kind(env))
         strategy = factory.from_env(env)
-        agrees = wanted in ("auto", strategy.name) or (wanted, strategy.name) in {
-            ("ddp", "single"),
-            ("deepspeed", "zero2"),
-            ("deepspeed", "zero3"),
-        }
+        agrees = wanted in ("auto", strategy.name) or (wanted, strategy.name) == ("ddp", "single")
         if not agrees:
             raise ConfigError(
                 f"train.strategy={wanted} but the launch config gives {strategy.name}: launch with "
@@ -112,9 +148,11 @@ def resolve_strategy(config: RunConfig, env: Mapping[str, str] | None = None) ->
 def _register_builtins() -> None:
     from .ddp import DDPStrategy
     from .deepspeed import DeepSpeedStrategy
+    from .fsdp2 import FSDP2Strategy
 
     STRATEGIES.register("ddp", DDPStrategy)
     STRATEGIES.register("deepspeed", DeepSpeedStrategy)
+    STRATEGIES.register("fsdp2", FSDP2Strategy)
 
 
 _register_builtins()
@@ -123,4 +161,5 @@ _LAUNCH_HINT = {
     "ddp": "launch_configs/multi_gpu_ddp.yaml",
     "zero2": "launch_configs/deepspeed_zero2.yaml",
     "zero3": "launch_configs/deepspeed_zero3.yaml (or deepspeed_zero3_offload.yaml)",
+    "fsdp2": "launch_configs/fsdp2.yaml",
 }

@@ -38,11 +38,15 @@ def launch(
     launch_config: str = "multi_gpu_ddp.yaml",
     num_processes: int = 2,
     timeout: int = 420,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file launch_configs/<launch_config> ... <args>``; raises with the log tail on failure."""
+    """``accelerate launch --config_file launch_configs/<launch_config> ... <args>``; raises with the log tail on failure.
+
+    ``env``: extra environment variables for the launch (e.g. a tracker's settings)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / launch_config)]
     cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env(cache_dir), cwd=REPO)
+    full_env = {**run_env(cache_dir), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(
             f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

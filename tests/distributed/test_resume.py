@@ -29,13 +29,13 @@ TRAIN = {"max_steps": 40, "micro_batch_size": 2, "optimizer": "adamw", "save_ste
 LORA = {"dropout": 0.1}
 
 
-def start(cfg, cache_dir, num_processes=2) -> subprocess.Popen:
+def start(cfg, cache_dir, num_processes=2, launch_config="multi_gpu_ddp.yaml") -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(LAUNCH_CONFIGS / "multi_gpu_ddp.yaml"),
+        str(LAUNCH_CONFIGS / launch_config),
     ]
     cmd += [
         "--num_processes",
@@ -52,9 +52,9 @@ def start(cfg, cache_dir, num_processes=2) -> subprocess.Popen:
     )
 
 
-def preempt(cfg, out, cache_dir, signals=(signal.SIGTERM,), num_processes=2) -> str:
+def preempt(cfg, out, cache_dir, signals=(signal.SIGTERM,), num_processes=2, launch_config="multi_gpu_ddp.yaml") -> str:
     """Start a run, wait until it trains, send ``signals`` to the launcher; returns the launcher's output."""
-    proc = start(cfg, cache_dir, num_processes)
+    proc = start(cfg, cache_dir, num_processes, launch_config)
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():

@@ -272,6 +272,29 @@ def test_zero3_shares_shrink_with_gpus(llama_8b):
     assert ddp.per_gpu_bytes["nf4_weights"] == per_gpus[1]["nf4_weights"]  # DDP: a whole replica per GPU
 
 
+def test_fsdp2_shards_the_base_keeps_lora_whole_and_counts_the_load_peak(llama_8b):
+    config = from_dict(run_config(llama_8b)).validate()
+    fsdp2 = read_launch_config(LAUNCH / "fsdp2.yaml")
+    assert fsdp2.strategy == "fsdp2" and fsdp2.to_env()["FSDP_VERSION"] == "2"
+    layout = plan_mod.model_layout(str(llama_8b))
+    ddp = plan_memory(config, read_launch_config(LAUNCH / "multi_gpu_ddp.yaml"), gpus=8, layout=layout).per_gpu_bytes
+    plans = {n: plan_memory(config, fsdp2, gpus=n, layout=layout) for n in (2, 8)}
+    state = sum(plan_mod.nf4_layer_bytes(q.numel, True, 1)["state"] for q in layout.quantized)
+    for n, plan in plans.items():
+        b = plan.per_gpu_bytes
+        # The packed data and the unquantized weights split n ways (up to one row); quant state and LoRA whole.
+        assert b["nf4_weights"] - state == pytest.approx((ddp["nf4_weights"] - state) / n, rel=1e-4)
+        assert b["unquantized"] == pytest.approx(ddp["unquantized"] / n, rel=1e-4)
+        assert (b["lora"], b["gradients"], b["optimizer"]) == (ddp["lora"], ddp["gradients"], ddp["optimizer"])
+        assert b["fsdp2_gathered"] > 0 and b["comm_buffers"] == b["gradients"]
+        # Loading: the whole 4-bit base on each GPU before it is sharded.
+        assert b["load_peak"] == ddp["nf4_weights"] + ddp["unquantized"] + ddp["overhead"]
+    assert plans[8].per_gpu_bytes["total"] < plans[2].per_gpu_bytes["total"] < ddp["total"]
+    # A GPU smaller than the load peak does not fit, however small the shard.
+    small = plan_memory(config, fsdp2, gpus=8, gpu_memory=4 * GIB, layout=layout)
+    assert not small.fits and small.max_micro_batch == 0
+
+
 def test_zero2_shards_optimizer_and_offload_moves_it_to_the_host(llama_8b):
     config = from_dict(run_config(llama_8b, train={"optimizer": "adamw"})).validate()
     layout = plan_mod.model_layout(str(llama_8b))
@@ -328,7 +351,10 @@ def test_cli_input_errors_exit_2(tmp_path, llama_8b, capsys):
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
     assert main(["plan", str(cfg), "--launch-config", str(fsdp)]) == 2
-    assert "FSDP is not planned" in capsys.readouterr().err
+    assert "fsdp_version: 1 (FSDP1)" in capsys.readouterr().err  # accelerate's default version, refused
+    fsdp.write_text("distributed_type: XLA\nnum_processes: 2\n")
+    assert main(["plan", str(cfg), "--launch-config", str(fsdp)]) == 2
+    assert "XLA is not planned" in capsys.readouterr().err
     assert main(["plan", str(cfg), "--launch-config", str(tmp_path / "nope.yaml")]) == 2
     assert "launch config not found" in capsys.readouterr().err
 
