@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the merged model (default auto: the compute dtype the adapter was trained in)",
     )
+    p.add_argument("--data", help="data file whose first rows are the check sequences (default: random token ids)")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip comparing the merged model with base + adapter (for models too large to load twice)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -151,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML (paths are kept as given: relative to where you submit)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the run config")
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate (one srun task each)")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node")
+    p.add_argument(
+        "--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node; 0: CPU nodes, no GPU request"
+    )
+    p.add_argument(
+        "--processes-per-node", type=int, help="processes per node (default: the node's GPUs; 1 on CPU nodes)"
+    )
     p.add_argument("--launch-config", default="launch_configs/multi_gpu_ddp.yaml", help="accelerate launch config")
     p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     p.add_argument("--time", help="time limit, e.g. 24:00:00 or 1-12:00:00")
@@ -265,7 +277,9 @@ def cmd_merge(args) -> int:
     _quiet_libraries()
     from .merge import merge_command
 
-    merge_command(args.base, args.adapter, Path(args.out), args.merge_base, args.dtype)
+    merge_command(
+        args.base, args.adapter, Path(args.out), args.merge_base, args.dtype, verify=args.verify, data=args.data
+    )
     return 0
 
 
@@ -277,6 +291,7 @@ def cmd_slurm(args) -> int:
         overrides=args.overrides,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
+        processes_per_node=args.processes_per_node,
         launch_config=args.launch_config,
         partition=args.partition,
         time=args.time,

@@ -61,6 +61,9 @@ class QuantConfig:
     storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in: ``auto`` is uint8, or the compute dtype under ZeRO-3
     (which can only partition the weights in that dtype)."""
+    allow_unquantized: bool = False
+    """Train even when less than half of the decoder weights can be held in 4-bit (a family bitsandbytes does
+    not quantize, e.g. fused MoE experts): the run is then not QLoRA, and ``run_report.json`` says so."""
 
 
 @dataclass

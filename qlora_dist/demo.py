@@ -111,6 +111,17 @@ def run_demo(output: Path, num_processes: int | None, overrides: list[str]) -> i
     return 0
 
 
+def _quantized(report: dict) -> str:
+    """The measured share of the base held in 4-bit (``quant/coverage.py``)."""
+    q = report.get("quantization") or {}
+    if report.get("quantized_fraction") is None:
+        return "not measured"
+    return (
+        f"{report['quantized_fraction']:.1%} of the decoder weights in NF4 (measured on the loaded model; "
+        f"{q.get('params_fraction') or 0:.1%} of all parameters, embeddings and head stay {report['compute_dtype']})"
+    )
+
+
 def _comm_time(report: dict) -> list[str]:
     """The summary line on time in the all-reduce, or none where it was not measured (CUDA)."""
     comm = [c for c in report.get("comm_seconds_per_step") or [] if c is not None]
@@ -134,6 +145,7 @@ def print_summary(output: Path, model_dir: Path) -> None:
         "",
         "== qlora-dist demo ==",
         f"processes          {report['world_size']} x {report['device']} ({report['distributed_type']})",
+        f"4-bit base         {_quantized(report)}",
         f"loss               {report['initial_loss']:.3f} -> {report['final_loss']:.3f} (eval {report['eval_loss']:.3f})",
         f"synced per step    {_mb(sync)} of LoRA gradients; a full fine-tune would sync {_mb(full)} "
         f"({full / max(sync, 1):.0f}x more)",

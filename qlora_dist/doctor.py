@@ -93,6 +93,7 @@ def run_checks(
         run("data", lambda: _check_data(cfg, holder))
     output_ok = run("output", lambda: _check_output(cfg))
     if model_ok:
+        run("quant", lambda: _check_quant(cfg))
         run("lora", lambda: _check_lora(cfg, holder))
         if output_ok:
             run("disk", lambda: _check_disk(cfg, holder, env))
@@ -164,8 +165,8 @@ def _check_model(cfg: RunConfig, holder: dict) -> str:
     from .model import count_params, linear_layer_names, meta_model
 
     model = meta_model(cfg.model)
-    holder["meta_model"] = model
     holder["linear_names"] = linear_layer_names(model)
+    holder["meta_model"] = model
     holder["total_params"] = count_params(model)[1]
     n = holder["total_params"]
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -198,12 +199,27 @@ def _check_data(cfg: RunConfig, holder: dict) -> str:
     return "; ".join(found) + ", every row has what the format needs"
 
 
-def _check_lora(cfg: RunConfig, holder: dict) -> str:
-    from .model import check_target_modules
+def _check_quant(cfg: RunConfig) -> str | tuple[str, str]:
+    """The share of the decoder weights a 4-bit load will hold in 4-bit (meta model), and the QLoRA rule."""
+    import torch
 
-    check_target_modules(holder["linear_names"], cfg.lora)
-    targets = cfg.lora.target_modules
-    return f"targets {targets if targets == 'all-linear' else ', '.join(targets)} among {', '.join(holder['linear_names'])}"
+    from .model import resolve_dtype
+    from .quant import coverage
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predicted, model_type = coverage.predict_for(cfg.model, cfg.quant, resolve_dtype(cfg.quant.compute_dtype, device))
+    coverage.require_qlora(predicted, model_type, cfg.quant.allow_unquantized, "predicted from config.json")
+    if predicted.fraction < coverage.MIN_FRACTION:
+        return "warning", f"{predicted.summary()}: NOT QLoRA (quant.allow_unquantized=true)"
+    return predicted.summary()
+
+
+def _check_lora(cfg: RunConfig, holder: dict) -> str:
+    from .model import resolve_targets
+
+    targets = resolve_targets(holder["meta_model"], cfg.lora)  # all-linear: this model's real layer names
+    how = "all-linear: " if cfg.lora.target_modules == "all-linear" else ""
+    return f"targets {how}{', '.join(targets)} (linear layers: {', '.join(holder['linear_names'])})"
 
 
 def _check_output(cfg: RunConfig) -> str:

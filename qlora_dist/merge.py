@@ -22,7 +22,10 @@ Two ways to get there, with bit-identical results:
   is loaded, the dequantized weights copied in, and peft's ``merge_and_unload`` folds the adapter in.
 
 The merged folder is written under a temporary name and renamed into place, so there is never a
-half-written ``merged/``.
+half-written ``merged/``. Before the rename, its logits are compared with base + adapter unmerged (training's
+merge and ``qlora-dist merge`` alike); over :data:`MERGE_BOUNDS` the folder is dropped, not kept. GPT-2's Conv1D
+weights are (in, out) in the checkpoint and (out, in) in the 4-bit layer: both paths write them back transposed
+(``quant/layers.py``).
 """
 
 from __future__ import annotations
@@ -178,13 +181,22 @@ def load_merge_base(
     with _without_zero3_init():
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if dequantized:
+        from .quant.layers import conv1d_weights
+
         params = dict(model.named_parameters())
         missing = sorted(set(dequantized) - set(params))
         if missing:
             raise RuntimeError(f"dequantized weights do not match the base checkpoint: {missing[:3]}")
+        transposed = conv1d_weights(model)
         with torch.no_grad():
             for name, weight in dequantized.items():
-                params[name].copy_(weight.reshape(params[name].shape))
+                # A 4-bit layer holds (out, in); a Conv1D weight is (in, out): transpose, never reshape.
+                weight = weight.t() if name in transposed else weight
+                if tuple(weight.shape) != tuple(params[name].shape):
+                    raise RuntimeError(
+                        f"{name}: dequantized weight {tuple(weight.shape)} for a weight of {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(weight)
     return model
 
 
@@ -285,6 +297,8 @@ class _Plan:
     deltas: dict[str, _Lora]
     quantized: frozenset[str]
     config: Any
+    transposed: frozenset[str] = frozenset()
+    """Weights the checkpoint stores (in, out), Conv1D-style, while 4-bit layers and LoRA deltas are (out, in)."""
 
 
 def _plan(base_path: str, adapter_dir: Path, nf4: NF4Rebuild | None, trust_remote_code: bool) -> _Plan:
@@ -311,7 +325,17 @@ def _plan(base_path: str, adapter_dir: Path, nf4: NF4Rebuild | None, trust_remot
         missing = sorted(set(wanted) - names)
         if missing:
             raise _Unsupported(f"{what} without a weight of that name in the checkpoint: {', '.join(missing[:3])}")
-    return _Plan(folder, files, headers, deltas, quantized, config)
+    return _Plan(folder, files, headers, deltas, quantized, config, frozenset(_conv1d_weights_of_config(config)))
+
+
+def _conv1d_weights_of_config(config) -> set[str]:
+    """Conv1D weights of a model of ``config`` (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from .quant.layers import conv1d_weights, plain_linear_layers
+
+    with _without_zero3_init(), torch.device("meta"), plain_linear_layers(config.model_type):
+        return conv1d_weights(AutoModelForCausalLM.from_config(config))
 
 
 def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | None) -> dict[str, int]:
@@ -328,7 +352,7 @@ def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | No
             def produce(name: str, info: dict, src=src, data_start=data_start) -> torch.Tensor:
                 tensor = _read_tensor(src, data_start, info)
                 rebuild = nf4 if name in plan.quantized else None
-                return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name))
+                return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name), name in plan.transposed)
 
             total += _write_safetensors(out_dir / file.name, entries, produce)
         weight_map.update({name: file.name for name, *_ in entries})
@@ -352,14 +376,22 @@ def _output_dtype(info: dict, dtype: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def _merged_tensor(
-    name: str, tensor: torch.Tensor, dtype: torch.dtype, nf4: NF4Rebuild | None, lora: _Lora | None
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    nf4: NF4Rebuild | None,
+    lora: _Lora | None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """One output tensor, computed exactly as the in-memory path computes it.
 
     In-memory: the dequantized weight (compute dtype, on the quantizing device) goes ``.to("cpu", dtype)`` and
     is copied into the base loaded in ``dtype``; peft then adds its delta in place on the CPU. Everything else is
-    the checkpoint tensor loaded in ``dtype``.
+    the checkpoint tensor loaded in ``dtype``. A ``transposed`` (Conv1D) weight is turned to (out, in) first, as
+    transformers does before quantizing it, and written back in the checkpoint's (in, out).
     """
+    if transposed:
+        tensor = tensor.t()
     if nf4 is not None:
         tensor = nf4.roundtrip(tensor).to("cpu", dtype)
     elif tensor.is_floating_point():
@@ -368,7 +400,7 @@ def _merged_tensor(
         if tuple(lora.shape) != tuple(tensor.shape):
             raise RuntimeError(f"{name}: LoRA delta of shape {lora.shape} for a weight of shape {tuple(tensor.shape)}")
         tensor += lora.delta()
-    return tensor
+    return tensor.t().contiguous() if transposed else tensor
 
 
 @dataclasses.dataclass
@@ -436,20 +468,20 @@ def quantized_weights_of_config(config, nf4: NF4Rebuild, trust_remote_code: bool
     replacement (every ``nn.Linear`` except the output head and the modules it keeps unquantized)."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    from transformers.quantizers.auto import AutoHfQuantizer
+    from transformers.pytorch_utils import Conv1D
 
-    from .model import bnb_config
+    from .quant.coverage import quantize_meta
+    from .quant.layers import plain_linear_layers
 
-    bnb_cfg = bnb_config(nf4.quant_config(), nf4.compute_dtype)
-    with _without_zero3_init(), torch.device("meta"):
+    with _without_zero3_init(), torch.device("meta"), plain_linear_layers(config.model_type):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    quantizer = AutoHfQuantizer.from_config(bnb_cfg, pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=nf4.compute_dtype, device_map={"": "cpu"})
+    quantize_meta(model, nf4.quant_config(), nf4.compute_dtype)
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            if getattr(module, "source_cls", nn.Linear) is not nn.Linear:
-                raise _Unsupported(f"{name} is a quantized {module.source_cls.__name__}: only nn.Linear is supported")
+            source = getattr(module, "source_cls", nn.Linear)
+            if source is not nn.Linear and not issubclass(source, Conv1D):  # Conv1D: the plan transposes it
+                raise _Unsupported(f"{name} is a quantized {source.__name__}: only nn.Linear and Conv1D are supported")
             names.add(name + ".weight")
     return names
 
@@ -583,6 +615,34 @@ def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, list[in
 
 # -- both paths: staging, verification, the two entry points ------------------------------------------------
 
+MERGE_BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+"""Largest relative logit error of a merged model against base + adapter, by the merged model's dtype: fp32
+merges reproduce to ~1e-6, so 1e-4 catches any layout or arithmetic mistake; half precision rounds each
+weight to 8 or 11 mantissa bits, ~1e-2 in the logits of the tiny models."""
+
+
+class MergeCheckFailed(RuntimeError):
+    """The merged model does not reproduce base + adapter within :data:`MERGE_BOUNDS` (nothing was kept)."""
+
+    def __init__(self, error: float, bound: float, dtype: torch.dtype, method: str) -> None:
+        self.error, self.bound, self.dtype, self.method = error, bound, dtype, method
+        super().__init__(
+            f"merged model ({method} merge, {str(dtype).replace('torch.', '')}) differs from base + adapter by a "
+            f"relative logit error of {error:.3g}, over the bound {bound:g}"
+        )
+
+
+def merge_bound(*dtypes: torch.dtype) -> float:
+    """The logit-error bound for a merge in the merged model's dtype whose reference logits were computed in the
+    other given dtype (the compute dtype): the looser of their bounds."""
+    return max(MERGE_BOUNDS.get(d, MERGE_BOUNDS[torch.bfloat16]) for d in dtypes)
+
+
+def check_bound(error: float | None, bound: float, dtype: torch.dtype, method: str) -> None:
+    """Raise :class:`MergeCheckFailed` when ``error`` (None: not checked) exceeds ``bound``."""
+    if error is not None and not error <= bound:  # NaN fails too
+        raise MergeCheckFailed(error, bound, dtype, method)
+
 
 @contextmanager
 def staged(out_dir: Path) -> Iterator[Path]:
@@ -626,10 +686,12 @@ def _merge_into(
     trust_remote_code: bool,
     check: tuple[list[torch.Tensor], list[torch.Tensor], torch.device] | None = None,
     method: str = "auto",
+    bound: float | None = None,
 ) -> tuple[str, float | None]:
     """Merge into the empty ``folder`` by streaming when possible (``method="auto"``), else in memory; return
     (method used, logit error against ``check = (batches, reference logits, device)``, None without a check).
-    ``method="in-memory"`` forces the in-memory path; ``"streaming"`` raises when streaming is impossible."""
+    ``method="in-memory"`` forces the in-memory path; ``"streaming"`` raises when streaming is impossible.
+    An error over ``bound`` (None: not bounded) raises :class:`MergeCheckFailed` (the folder is then dropped)."""
     if method not in ("auto", "streaming", "in-memory"):
         raise ValueError(f"method={method!r}: choose auto, streaming or in-memory")
     blocker = "dequantized weights given in memory" if isinstance(base_spec, dict) else None
@@ -650,6 +712,8 @@ def _merge_into(
             counts["tensors"], counts["shards"], counts["quantized"], counts["merged"],
         )  # fmt: skip
         error = _check_saved(folder, dtype, check, trust_remote_code) if check else None
+        if bound is not None:
+            check_bound(error, bound, dtype, "streaming")
         return "streaming", error
     if not isinstance(base_spec, dict):
         log.info("merging in memory: %s", blocker)
@@ -663,6 +727,8 @@ def _merge_into(
     if check:
         batches, reference, _ = check
         error = relative_error(reference, logits_of(merged, batches))
+        if bound is not None:
+            check_bound(error, bound, dtype, "in-memory")  # before a byte is written
     _save_in_memory(merged, tokenizer, folder)
     return "in-memory", error
 
@@ -701,6 +767,7 @@ def merge_trained(
     trust_remote_code: bool = False,
     rank: int = 0,
     check_device: torch.device | str = "cpu",
+    reference_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Merge on the calling (main) process and verify against the QLoRA model's logits.
 
@@ -708,16 +775,34 @@ def merge_trained(
     checkpoint: streaming, nothing gathered), the trained-against NF4 weights already dequantized (a dict: the
     in-memory path), or None to merge into the original weights. ``reference_logits`` are the QLoRA model's
     (NF4 base + adapter) logits on ``check_batches``, computed before the merge; the merged model is compared
-    on ``check_device``. Returns ``run_report.json``'s ``merge`` section.
+    on ``check_device``; ``reference_dtype`` is the dtype they were computed in (default ``dtype``), which with
+    ``dtype`` sets the bound (:func:`merge_bound`). Returns ``run_report.json``'s ``merge`` section.
+
+    Into the dequantized base, an error over :data:`MERGE_BOUNDS` leaves no ``merged/`` and the section says
+    ``verified: false`` with ``path: null`` (the caller fails the run). Into the original weights the merged
+    model differs from the QLoRA one by the quantization error itself, so the error is reported, not bounded.
     """
     start = time.perf_counter()
-    check = (check_batches, reference_logits, torch.device(check_device)) if check_batches else None
-    with staged(Path(out_dir)) as tmp:
-        method, error = _merge_into(
-            tmp, Path(adapter_dir), dequantized, base_path, dtype, tokenizer, trust_remote_code, check
-        )
-    seconds = time.perf_counter() - start
     base = "original" if dequantized is None else "dequantized"
+    check = (check_batches, reference_logits, torch.device(check_device)) if check_batches else None
+    bound = merge_bound(dtype, reference_dtype or dtype) if base == "dequantized" else None
+    failed: MergeCheckFailed | None = None
+    try:
+        with staged(Path(out_dir)) as tmp:
+            method, error = _merge_into(
+                tmp, Path(adapter_dir), dequantized, base_path, dtype, tokenizer, trust_remote_code, check,
+                bound=bound,
+            )  # fmt: skip
+    except MergeCheckFailed as e:
+        failed, method, error = e, e.method, e.error
+        log.error("%s: %s not written", e, out_dir)
+    seconds = time.perf_counter() - start
+    verified = base == "dequantized" and error is not None and failed is None
+    if not verified and failed is None:
+        log.warning(
+            "merged model NOT verified against base + adapter (%s)",
+            "no check sequences" if error is None else "original base: it differs from the QLoRA model by design",
+        )
     log.info(
         "rank %d merged the adapter into the %s base (%s, %s) in %.1fs; relative logit error %s",
         rank, base, dtype, method, seconds, error,
@@ -728,14 +813,23 @@ def merge_trained(
         "method": method,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,
+        "bound": bound,
+        "verified": verified,
         "checked_sequences": sum(int(b.shape[0]) for b in check_batches),
         "seconds": round(seconds, 3),
-        "path": str(out_dir),
+        "path": None if failed else str(out_dir),
     }
 
 
 def merge_command(
-    base: str, adapter: str, out: Path, merge_base: str, dtype_name: str, method: str = "auto"
+    base: str,
+    adapter: str,
+    out: Path,
+    merge_base: str,
+    dtype_name: str,
+    method: str = "auto",
+    verify: bool = True,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """``qlora-dist merge``: merge an adapter (trained here or elsewhere) into its base, without training state.
 
@@ -743,6 +837,12 @@ def merge_command(
     quantization when there are none), on a GPU when there is one, then dequantized, as in training. Streams
     shard by shard when the base is in safetensors (see :func:`streaming_blocker`), else merges in memory;
     ``method`` (``auto`` | ``streaming`` | ``in-memory``) forces one of them (benchmarks, tests).
+
+    ``verify`` (the default) compares the merged model's logits with base + adapter unmerged (the NF4 base for
+    ``dequantized``, the original weights for ``original``) on a few sequences: from ``data`` (a data file the
+    run formats read) when given, else token ids drawn at random (seeded) from the vocabulary. Over the bound
+    of :data:`MERGE_BOUNDS` nothing is left at ``out`` and a UserError says so; the result is written into the
+    merged folder as ``merge_report.json`` either way it is kept. Returns that report.
     """
     from transformers import AutoTokenizer
 
@@ -774,16 +874,105 @@ def merge_command(
         log.warning("no tokenizer saved with the merged model (%s: %s)", tok_source, str(e).splitlines()[0])
         tokenizer = None
     start = time.perf_counter()
-    with staged(out) as tmp:
-        method, _ = _merge_into(tmp, adapter_dir, nf4, base, dtype, tokenizer, False, method=method)
-    info = {
-        "base": merge_base,
-        "method": method,
-        "dtype": str(dtype).replace("torch.", ""),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    log.info("merged %s into %s (%s base, %s, %s) -> %s", adapter_dir, base, merge_base, info["dtype"], method, out)
+    check = None
+    if verify:
+        batches = check_sequences(base, tokenizer, data)
+        check = (batches, reference_logits(base, adapter_dir, nf4, compute, device, batches), device)
+    else:
+        log.warning("--no-verify: the merged model is NOT compared with base + adapter")
+    bound = merge_bound(dtype, compute)
+    try:
+        with staged(out) as tmp:
+            method, error = _merge_into(
+                tmp, adapter_dir, nf4, base, dtype, tokenizer, False, check, method=method, bound=bound
+            )
+            info = {
+                "base": merge_base,
+                "method": method,
+                "dtype": str(dtype).replace("torch.", ""),
+                "verified": error is not None,
+                "rel_logit_error": error,
+                "bound": bound,
+                "reference": ("NF4 base" if nf4 is not None else "original base") + " + adapter, unmerged",
+                "checked_sequences": sum(int(b.shape[0]) for b in check[0]) if check else 0,
+                "check_data": data if check else None,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            (tmp / MERGE_REPORT).write_text(json.dumps(info, indent=2) + "\n")
+    except MergeCheckFailed as e:
+        raise UserError(
+            f"{e}: nothing written to --out {out}; the adapter or base do not match (see --debug)"
+        ) from None
+    error_text = "not verified" if error is None else f"relative logit error {error:.2e} (bound {bound:g})"
+    log.info(
+        "merged %s into %s (%s base, %s, %s) -> %s; %s",
+        adapter_dir,
+        base,
+        merge_base,
+        info["dtype"],
+        method,
+        out,
+        error_text,
+    )
     return info
+
+
+MERGE_REPORT = "merge_report.json"
+"""What ``qlora-dist merge`` verified, written into the merged folder."""
+
+
+def check_sequences(
+    base: str, tokenizer: Any, data: str | None, count: int = 4, length: int = 32
+) -> list[torch.Tensor]:
+    """A few token sequences, one per batch: the first ``count`` rows of ``data`` tokenized as a run would
+    (format picked from the columns), else ids drawn (seed 0) from the tokenizer's vocabulary (the config's
+    ``vocab_size`` without a tokenizer)."""
+    from .errors import UserError
+
+    if data is not None:
+        if tokenizer is None:
+            raise UserError(f"--data {data}: no tokenizer beside the adapter or the base to tokenize it with")
+        from .data import check_rows, load_rows, tokenize_example
+
+        rows = load_rows(data)
+        fmt = check_rows(rows, "auto", data)
+        ids = [tokenize_example(rows[i], fmt, tokenizer, 4 * length)["input_ids"] for i in range(min(count, len(rows)))]
+        return [torch.tensor([x]) for x in ids if x]
+    from transformers import AutoConfig
+
+    vocab = int(AutoConfig.from_pretrained(base).get_text_config().vocab_size)
+    if tokenizer is not None:
+        vocab = min(vocab, len(tokenizer))
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(count)]
+
+
+def reference_logits(
+    base: str,
+    adapter_dir: Path,
+    nf4: NF4Rebuild | None,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    batches: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Logits of base + adapter, unmerged (what the merged model must reproduce): the base quantized as
+    ``nf4`` says (the QLoRA model), or in its original weights when ``nf4`` is None. Freed before returning."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .config import ModelConfig
+    from .model import load_quantized_model
+
+    if nf4 is not None:
+        model = load_quantized_model(ModelConfig(name_or_path=base), nf4.quant_config(), device, nf4.compute_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype, device_map={"": device})
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        return logits_of(model, batches)
+    finally:
+        del model
+        gc.collect()
 
 
 def _check_base_arg(base: str) -> None:

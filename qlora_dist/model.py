@@ -190,15 +190,20 @@ def load_quantized_model(
                 "fight over them: give each process its own device, device_map={'': accelerator.device}"
             )
         kwargs["device_map"] = device_map
+    from .quant.layers import plain_linear_layers
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
-            quantization_config=bnb_config(quant, compute_dtype),
-            dtype=compute_dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            **kwargs,
-        )
-    except (OSError, ValueError) as e:
+        # Families whose linear class merely subclasses nn.Linear (Falcon) build plain nn.Linear layers, so
+        # that bitsandbytes quantizes them too (quant/layers.py).
+        with plain_linear_layers(_model_type(cfg)):
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path,
+                quantization_config=bnb_config(quant, compute_dtype),
+                dtype=compute_dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                **kwargs,
+            )
+    except (OSError, ValueError, TypeError, KeyError, NotImplementedError) as e:
         raise UserError(f"could not load model.name_or_path={cfg.name_or_path}: {_first_line(e)}") from None
     for p in model.parameters():
         p.requires_grad_(False)
@@ -238,15 +243,41 @@ def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> 
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Short names (last path component) of the linear layers LoRA can target, output head excluded."""
+    """Short names (last path component) of the linear layers LoRA can target: ``nn.Linear``, 4-bit
+    ``Linear4bit`` and GPT-2's ``Conv1D``; the output head and mixture-of-experts routers excluded (a router is
+    a tiny classifier whose LoRA would change which experts run, not what they compute)."""
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
     names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit)) and module is not head:
+    for name, module in modules.items():
+        linear = isinstance(module, (nn.Linear, bnb.nn.Linear4bit, Conv1D)) and module is not head
+        if linear and not _is_router(name, modules):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def _is_router(name: str, modules: dict[str, nn.Module]) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("router", "shared_expert_gate"):
+        return True
+    return leaf == "gate" and hasattr(modules.get(parent), "experts")
+
+
+def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """The layer names LoRA goes on, explicitly: ``all-linear`` becomes this model's linear layer names (see
+    :func:`linear_layer_names`); a list is checked against them. Nothing to target is an error, not an ok."""
+    available = linear_layer_names(model)
+    if not available:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(
+            f"lora.target_modules={cfg.target_modules}: this {kind} model has no linear layer LoRA can target "
+            "(nn.Linear, Conv1D); give lora.target_modules the names of its projection modules"
+        )
+    check_target_modules(available, cfg)
+    return available if cfg.target_modules == "all-linear" else list(cfg.target_modules)
 
 
 def check_target_modules(available: list[str], cfg: LoraConfig) -> None:
@@ -266,6 +297,9 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .merge import _without_zero3_init
+    from .quant.layers import plain_linear_layers
+
     local = check_model_path(cfg)
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -274,29 +308,50 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
             raise
         first = (str(e).strip().splitlines() or [""])[0].rstrip(".")
         raise UserError(f"model.name_or_path={cfg.name_or_path}: {first}{local_copy_hint(cfg.name_or_path)}") from None
-    with init_empty_weights():
+    # Never under ZeRO-3's zero.Init (a run's DeepSpeed config is registered by then): it would try to partition
+    # meta tensors. Linear classes as load_quantized_model builds them.
+    with _without_zero3_init(), init_empty_weights(), plain_linear_layers(config.model_type):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+def _model_type(cfg: ModelConfig) -> str | None:
+    """``model_type`` from the checkpoint's config.json (None when it cannot be read here: a hub id)."""
+    import json
+
+    path = Path(cfg.name_or_path).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig):
     """Wrap ``model`` in a peft LoRA model. Only the adapter weights are trainable afterwards.
 
     Target names that match no linear layer are an error listing the names the model does have, because
-    peft would otherwise train a different set of layers than the user asked for, or none.
+    peft would otherwise train a different set of layers than the user asked for, or none. peft is given the
+    resolved names, never ``all-linear`` (whose own rule puts LoRA on MoE routers, see :func:`resolve_targets`).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    check_target_modules(linear_layer_names(model), cfg)
+    targets = resolve_targets(model, cfg)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as e:
+        # peft's own message, on one line, with the settings that decide what it tried to build.
+        raise ConfigError(
+            f"peft could not attach LoRA to {', '.join(targets)} (lora.target_modules={cfg.target_modules}, "
+            f"lora.dropout={cfg.dropout}): {_first_line(e)}; change lora.target_modules (or lora.dropout)"
+        ) from None
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -316,13 +316,16 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
         )
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from .model import check_not_prequantized
+    from .quant.layers import plain_linear_layers
 
     check_not_prequantized(folder / "config.json")  # the same refusal a run gives (GPTQ, AWQ, ...)
     try:
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=True):
+        # Built as a run loads it: Falcon's linear layers as nn.Linear (quant/layers.py).
+        with init_empty_weights(include_buffers=True), plain_linear_layers(cfg.model_type):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -337,11 +340,14 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
         own = [p for _, p in module.named_parameters(recurse=False)]
         if own:
             module_params[mname] = sum(p.numel() for p in own)
-        if isinstance(module, nn.Linear):
-            shape = LinearShape(mname, module.in_features, module.out_features, module.bias is not None)
+        if isinstance(module, (nn.Linear, Conv1D)):
+            if isinstance(module, Conv1D):  # GPT-2: weight (in, out); bitsandbytes quantizes it too
+                shape = LinearShape(mname, *module.weight.shape, module.bias is not None)
+            else:
+                shape = LinearShape(mname, module.in_features, module.out_features, module.bias is not None)
             if module is not head:
                 lora.append(shape)
-            if type(module) is nn.Linear and _should_convert(mname, skip):
+            if (type(module) is nn.Linear or isinstance(module, Conv1D)) and _should_convert(mname, skip):
                 quantized.append(shape)
                 quantized_names.add(mname)
     strict = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
@@ -1020,9 +1026,25 @@ def plan_command(
     config = load_config(config_path, overrides)
     launch = read_launch_config(launch_config) if launch_config else None
     plan = plan_memory(config, launch, gpus, parse_memory(gpu_memory), device)
+    coverage, line = _quantized_share(config, device)
     if as_json:
-        return json.dumps(plan.to_dict(), indent=2)
-    return format_plan(plan)
+        return json.dumps({**plan.to_dict(), "quantization": coverage}, indent=2)
+    return format_plan(plan) + "\n" + line
+
+
+def _quantized_share(config: RunConfig, device: str) -> tuple[dict[str, Any], str]:
+    """The meta model's predicted share of the base held in 4-bit (``quant/coverage.py``): the report section
+    and the line the table ends with (it says so when the base is not QLoRA)."""
+    import torch
+
+    from .model import resolve_dtype
+    from .quant import coverage
+
+    compute = resolve_dtype(config.quant.compute_dtype, torch.device(device))
+    predicted, model_type = coverage.predict_for(config.model, config.quant, compute)
+    reason = coverage.refusal(predicted, model_type)
+    line = f"4-bit: {predicted.summary()}" + (f"\nNOT QLoRA: {reason}" if reason else "")
+    return predicted.to_report(config.quant.allow_unquantized), line
 
 
 def launch_from_env(env: dict[str, str] | None = None) -> LaunchPlan:

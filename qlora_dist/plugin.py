@@ -49,6 +49,7 @@ from .distributed import (
 from .errors import PeerExit, UserError
 from .fsutil import disk_errors, replace_dir
 from .merge import QUANT_META, NF4Rebuild, logits_of, merge_trained
+from .quant import coverage
 from .report import write_json, write_text_atomic
 from .strategies import Strategy, resolve_strategy
 
@@ -128,6 +129,9 @@ class QLoRAPlugin:
         tokenizer = tokenizer if tokenizer is not None else self.load_tokenizer()
         quant = dataclasses.replace(cfg.quant, storage_dtype=self.strategy.storage_dtype(cfg, self.compute_dtype))
         self.quant = quant
+        # Not QLoRA (too little of the base would be 4-bit): refused before a weight is read.
+        predicted, model_type = coverage.predict_for(cfg.model, quant, self.compute_dtype)
+        coverage.require_qlora(predicted, model_type, quant.allow_unquantized, "predicted from config.json")
         base = model_mod.load_quantized_model(
             cfg.model,
             quant,
@@ -137,6 +141,9 @@ class QLoRAPlugin:
             # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
             attn_implementation=attention.register() if cfg.data.packing else None,
         )
+        # ...and measured on what was loaded: the figure the report gives, and the same rule applied to it.
+        self.coverage = coverage.measure(base)
+        coverage.require_qlora(self.coverage, model_type, quant.allow_unquantized, "measured on the loaded model")
         self.facts["base_checksum_before"] = model_mod.base_checksum(base, self.strategy.gathered)
         if cfg.train.gradient_checkpointing:
             model_mod.enable_gradient_checkpointing(base)
@@ -357,6 +364,9 @@ class QLoRAPlugin:
             "device": accelerator.device.type,
             "compute_dtype": _name(self.compute_dtype),
             "quant_storage_dtype": self.quant.storage_dtype,
+            # Measured on the loaded base: the share of the decoder weights really held in 4-bit.
+            "quantized_fraction": round(self.coverage.fraction, 6),
+            "quantization": self.coverage.to_report(self.quant.allow_unquantized),
             "optimizer": self.facts.get("optimizer"),
             **{
                 k: self.facts[k]
@@ -395,11 +405,18 @@ class QLoRAPlugin:
                     cfg.model.trust_remote_code,
                     rank=accelerator.process_index,
                     check_device=accelerator.device,
+                    reference_dtype=self.compute_dtype,
                 )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
         checkpoint.write_marker(self.output_dir, checkpoint.DONE, {"step": steps})
         self.callbacks.fire(self._event("on_run_end", accelerator, steps, report=report))
+        if report["merge"] is not None and report["merge"]["path"] is None:
+            raise UserError(
+                f"merge check failed: relative logit error {report['merge']['rel_logit_error']:.3g} over the bound "
+                f"{report['merge']['bound']:g}, so no merged/ was written; the adapter is in {adapter_dir} "
+                "(run_report.json has the figures)"
+            )
         return report
 
     def _adapter_state(self, model, keep: bool) -> dict[str, torch.Tensor]:

@@ -5,14 +5,20 @@ GPUs, and all nodes meet at the first node of the allocation. The pieces that ar
 
 - ``SLURM_NODEID`` is read *inside* the srun task. Read in the batch shell it is 0 on every node (the batch
   shell runs on the first node only), every node claims machine rank 0 and the rendezvous hangs.
-- Several nodes meet with torchrun's c10d rendezvous at ``main address:port`` (the first host of the
-  allocation, a port derived from the job id). Not with ``--same_network``: with it accelerate hands torchrun
+- Several nodes meet with torchrun's c10d rendezvous at ``main address:port``: the address SLURM itself uses
+  for the first node of the allocation (its ``NodeAddr``, which need not be a resolvable host name like the node
+  name) and a port derived from the job id. Not with ``--same_network``: with it accelerate hands torchrun
   only ``master_addr``, which c10d ignores, so every node would wait at its own ``localhost:29400``. Node 0
   hosts the rendezvous, said explicitly (``is_host``) instead of guessed from hostnames.
 - ``#SBATCH --signal=B:USR1@S`` warns the batch shell (only it) S seconds before the time limit. torchrun has no
-  handler for SIGUSR1: it dies and orphans its workers. So the batch shell traps USR1 and sends SIGTERM to srun,
-  which forwards it to every task; torchrun passes it to the workers, which checkpoint at the next optimizer
-  step, leave ``PREEMPTED`` in ``output.dir`` and exit.
+  handler for SIGUSR1: it dies and orphans its workers. So the batch shell traps USR1 and has SLURM send SIGTERM
+  to the job's steps (``scancel --signal=TERM $SLURM_JOB_ID``: without ``--batch``/``--full`` the batch shell
+  itself is not signalled). Not ``kill -TERM`` to srun: srun answers SIGTERM with "forcing job termination" and
+  SIGKILLs every task, so nothing would be saved. torchrun and the workers get the SIGTERM, the workers
+  checkpoint at the next optimizer step, leave ``PREEMPTED`` in ``output.dir`` and exit; srun stays alive until
+  its tasks end and the batch shell then requeues the job.
+- ``--gpus-per-node 0`` is CPU nodes: no GPU is requested (a cluster without GRES rejects any GPU request) and
+  each node runs ``--processes-per-node`` processes (default 1).
 - Whether to requeue is decided from that marker, never from srun's exit status: torchrun exits 1 even when its
   workers saved and exited cleanly. ``DONE`` means the run finished.
 """
@@ -41,7 +47,8 @@ class SlurmJob:
     nodes: int
     """Nodes to allocate; one srun task (one torchrun) per node."""
     gpus_per_node: int
-    """GPUs per node; also the processes per node when neither SLURM_GPUS_ON_NODE nor nvidia-smi says."""
+    """GPUs per node; 0 for CPU nodes (no GPU request). Also the processes per node when neither
+    ``processes_per_node``, SLURM_GPUS_ON_NODE nor nvidia-smi says."""
     overrides: list[str] = field(default_factory=list)
     """``section.key=value`` overrides of the run config."""
     launch_config: str = DEFAULT_LAUNCH_CONFIG
@@ -59,11 +66,16 @@ class SlurmJob:
     """Folder of the ``%x-%j.out/.err`` logs (SLURM does not create it)."""
     extra_sbatch: list[str] = field(default_factory=list)
     """Further sbatch options, one per line, e.g. ``--exclusive`` or ``--mem=0``."""
+    processes_per_node: int | None = None
+    """Training processes per node, fixed. None: on GPU nodes what the node has (SLURM_GPUS_ON_NODE, else
+    ``nvidia-smi -L``, else ``gpus_per_node``); on CPU nodes (``gpus_per_node`` 0) one."""
 
     def command_line(self) -> str:
         """The ``qlora-dist slurm`` command that generates this script (recorded in its header)."""
         args = ["qlora-dist", "slurm", self.config, *self.overrides]
         args += ["--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node)]
+        if self.processes_per_node is not None:
+            args += ["--processes-per-node", str(self.processes_per_node)]
         if self.launch_config != DEFAULT_LAUNCH_CONFIG:
             args += ["--launch-config", self.launch_config]
         for flag, value in (
@@ -90,8 +102,10 @@ def sbatch_script(job: SlurmJob) -> str:
 
     if job.nodes < 1:
         raise UserError(f"--nodes {job.nodes}: must be at least 1")
-    if job.gpus_per_node < 1:
-        raise UserError(f"--gpus-per-node {job.gpus_per_node}: must be at least 1")
+    if job.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node {job.gpus_per_node}: must be 0 (CPU nodes) or more")
+    if job.processes_per_node is not None and job.processes_per_node < 1:
+        raise UserError(f"--processes-per-node {job.processes_per_node}: must be at least 1")
     if job.cpus_per_task is not None and job.cpus_per_task < 1:
         raise UserError(f"--cpus-per-task {job.cpus_per_task}: must be at least 1")
     if job.signal_seconds < 1:
@@ -111,6 +125,13 @@ def sbatch_script(job: SlurmJob) -> str:
             "the run would be told to stop before it starts"
         )
     config = load_config(job.config, job.overrides)  # validated here, not hours later in the queue
+    if config.output.overwrite or config.train.resume != "auto":
+        # A requeued allocation runs the same command: it must pick up the checkpoint, not start over.
+        setting = "output.overwrite=true" if config.output.overwrite else f"train.resume={config.train.resume}"
+        raise UserError(
+            f"{job.config}: {setting} would make every requeue of this job start over (or stop): "
+            "pass output.overwrite=false train.resume=auto, or use another output.dir"
+        )
     launch = _read_launch_config(job.launch_config)
     _check_strategy(config.train.strategy, launch, job.launch_config)
 
@@ -121,8 +142,9 @@ def sbatch_script(job: SlurmJob) -> str:
         f"--job-name={name}",
         f"--nodes={job.nodes}",
         "--ntasks-per-node=1",
-        f"--gpus-per-node={job.gpus_per_node}",
     ]
+    if job.gpus_per_node > 0:  # CPU nodes request none: a cluster without GPU GRES rejects even a zero request
+        sbatch.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task is not None:
         sbatch.append(f"--cpus-per-task={job.cpus_per_task}")
     for flag, value in (("partition", job.partition), ("time", job.time), ("account", job.account)):
@@ -151,7 +173,8 @@ def sbatch_script(job: SlurmJob) -> str:
         "@RUN_CONFIG@": shlex.quote(job.config),
         "@LAUNCH_CONFIG@": shlex.quote(job.launch_config),
         "@OUTPUT_DIR@": shlex.quote(config.output.dir),
-        "@GPUS_PER_NODE@": str(job.gpus_per_node),
+        "@PROCESSES_PER_NODE@": str(_processes_per_node(job)),
+        "@PER_NODE@": _PER_NODE_FIXED if job.gpus_per_node == 0 or job.processes_per_node else _PER_NODE_DETECT,
         "@PORT_BASE@": str(PORT_BASE),
         "@PORT_SPAN@": str(PORT_SPAN),
         "@SRUN_OPTIONS@": " ".join(srun_options),
@@ -159,6 +182,13 @@ def sbatch_script(job: SlurmJob) -> str:
     }
     # One pass, so that a value which happens to contain a placeholder is left alone.
     return re.sub(r"@[A-Z_]+@", lambda m: fills.get(m.group(0), m.group(0)), _TEMPLATE)
+
+
+def _processes_per_node(job: SlurmJob) -> int:
+    """The fixed count, or the fallback when the node does not say how many GPUs it has."""
+    if job.processes_per_node is not None:
+        return job.processes_per_node
+    return job.gpus_per_node if job.gpus_per_node > 0 else 1
 
 
 def _sbatch_option(extra: str) -> str:
@@ -189,9 +219,16 @@ def _check_strategy(strategy: str, launch: dict, path: str) -> None:
     """The run config's train.strategy must agree with the launch config (the run would refuse to start)."""
     dtype = str(launch.get("distributed_type", "")).upper()
     stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
-    if dtype not in ("MULTI_GPU", "DEEPSPEED", "NO"):
-        raise UserError(f"{path}: distributed_type {dtype} is not supported here (use a DDP or DeepSpeed config)")
-    wants = {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}.get(strategy)
+    if dtype not in ("MULTI_GPU", "DEEPSPEED", "FSDP", "NO"):
+        raise UserError(
+            f"{path}: distributed_type {dtype} is not supported here (use a DDP, DeepSpeed or FSDP2 config)"
+        )
+    wants = {
+        "ddp": ("MULTI_GPU", None),
+        "zero2": ("DEEPSPEED", 2),
+        "zero3": ("DEEPSPEED", 3),
+        "fsdp2": ("FSDP", None),
+    }.get(strategy)
     if wants is None:
         return
     if dtype != wants[0] or (wants[1] is not None and int(stage or 0) != wants[1]):
@@ -219,17 +256,25 @@ def _time_limit_seconds(limit: str | None) -> int | None:
     return n[0] * 60 + (n[1] if len(n) == 2 else 0)
 
 
+# How many processes each node runs (@PER_NODE@ in the node script): fixed, or what the node says it has.
+_PER_NODE_FIXED = "per_node=$QLORA_PROCESSES_PER_NODE"
+_PER_NODE_DETECT = """per_node=${SLURM_GPUS_ON_NODE:-}
+if [ -z "$per_node" ] && command -v nvidia-smi >/dev/null 2>&1; then
+  per_node=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
+fi
+case "$per_node" in "" | 0 | *[!0-9]*) per_node=$QLORA_PROCESSES_PER_NODE ;; esac"""
+
 # The sbatch script. Placeholders are @NAME@ (bash uses $ and braces); values are shell-quoted before they go in.
 _TEMPLATE = r"""#!/bin/bash
 # Generated by: @COMMAND@
 # (run in the directory to submit from: the paths here are relative to it; the repository root for the shipped
 # examples). Regenerate rather than edit: output.dir below was resolved from the run config and its overrides.
 #
-# One srun task per node runs `accelerate launch` for that node's GPUs; the nodes meet at the first node of the
-# allocation. @SIGNAL_SECONDS@ s before the time limit SLURM sends SIGUSR1 to this shell only; the trap below turns it
-# into SIGTERM for srun, every rank checkpoints at its next optimizer step and the run leaves PREEMPTED in its
-# output folder; the script then requeues the job and the next allocation resumes from that checkpoint
-# (train.resume: auto). A run that finishes leaves DONE.
+# One srun task per node runs `accelerate launch` for that node's processes; the nodes meet at the first node of the
+# allocation. @SIGNAL_SECONDS@ s before the time limit SLURM sends SIGUSR1 to this shell only; the trap below has
+# SLURM send SIGTERM to the job's steps, every rank checkpoints at its next optimizer step and the run leaves
+# PREEMPTED in its output folder; the script then requeues the job and the next allocation resumes from that
+# checkpoint (train.resume: auto). A run that finishes leaves DONE.
 @SBATCH@
 
 set -uo pipefail  # not -e: srun's status is looked at below, not fatal
@@ -240,18 +285,22 @@ set -uo pipefail  # not -e: srun's status is looked at below, not fatal
 RUN_CONFIG=@RUN_CONFIG@
 OUTPUT_DIR=@OUTPUT_DIR@  # output.dir of the run config (with its overrides)
 export LAUNCH_CONFIG=@LAUNCH_CONFIG@
-export QLORA_GPUS_PER_NODE=@GPUS_PER_NODE@  # processes per node when neither SLURM nor nvidia-smi says
-# The same on every node: the first host of the allocation, and a port derived from the job id (stable across
-# requeues of this job, different for jobs that share a node).
-MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-if [ -z "$MAIN_ADDR" ]; then
+export QLORA_PROCESSES_PER_NODE=@PROCESSES_PER_NODE@
+# The same on every node: the address SLURM uses for the first node of the allocation (its NodeAddr: node names
+# need not be host names), and a port derived from the job id (stable across requeues of this job, different for
+# jobs that share a node).
+MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if [ -z "$MAIN_NODE" ]; then
   echo "qlora-dist slurm: scontrol show hostnames gave no host for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2
   exit 1
 fi
+MAIN_ADDR=$(scontrol show node -o "$MAIN_NODE" 2>/dev/null | sed -n "s/.*NodeAddr=\([^ ]*\).*/\1/p")
+if [ -z "$MAIN_ADDR" ] || [ "$MAIN_ADDR" = "(null)" ]; then MAIN_ADDR=$MAIN_NODE; fi
 export MAIN_ADDR
 export MAIN_PORT=$((@PORT_BASE@ + SLURM_JOB_ID % @PORT_SPAN@))
 
-echo "qlora-dist slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s), main $MAIN_ADDR:$MAIN_PORT"
+echo "qlora-dist slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s)," \
+  "main $MAIN_NODE at $MAIN_ADDR:$MAIN_PORT"
 # A marker left by an earlier allocation must not requeue this one.
 rm -f "$OUTPUT_DIR/PREEMPTED"
 
@@ -260,11 +309,7 @@ NODE_SCRIPT='
 set -eu
 # Read here, inside the task: in the batch shell SLURM_NODEID is 0 on every node and the rendezvous hangs.
 node_rank=$SLURM_NODEID
-per_node=${SLURM_GPUS_ON_NODE:-}
-if [ -z "$per_node" ] && command -v nvidia-smi >/dev/null 2>&1; then
-  per_node=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU " || true)
-fi
-case "$per_node" in "" | 0 | *[!0-9]*) per_node=$QLORA_GPUS_PER_NODE ;; esac
+@PER_NODE@
 if [ "$SLURM_NNODES" -gt 1 ]; then
   # c10d at MAIN_ADDR:MAIN_PORT, hosted by node 0. Not --same_network: with it accelerate passes only
   # master_addr, which c10d ignores (every node would wait at its own localhost:29400).
@@ -275,7 +320,7 @@ else
   rdzv="--rdzv_backend static"
 fi
 echo "qlora-dist slurm: node $node_rank of $SLURM_NNODES ($(hostname)): $per_node process(es)"
-# exec: torchrun itself is the task, so the SIGTERM srun forwards reaches it (and through it the workers).
+# exec: torchrun itself is the task, so the SIGTERM SLURM sends the step reaches it (and through it the workers).
 # --deepspeed_multinode_launcher standard: torchrun on each node, not pdsh/ssh (ignored by DDP launch configs).
 exec accelerate launch --config_file "$LAUNCH_CONFIG" \
   --num_machines "$SLURM_NNODES" --machine_rank "$node_rank" --num_processes $((SLURM_NNODES * per_node)) \
@@ -284,9 +329,11 @@ exec accelerate launch --config_file "$LAUNCH_CONFIG" \
   -m qlora_dist train "$@"
 '
 
-# SIGUSR1 (from --signal=B:USR1@...) -> one SIGTERM to srun. torchrun must never see SIGUSR1: it dies on it
-# and orphans its workers. SIGTERM to this shell means SLURM is ending the job (scancel, preemption, the time
-# limit): it signals the job steps itself; this shell only notes it and lives on to read the markers.
+# SIGUSR1 (from --signal=B:USR1@...) -> one SIGTERM to the job's steps, sent by SLURM (scancel without --batch
+# or --full leaves this shell alone). Not to srun: srun answers SIGTERM by SIGKILLing every task. torchrun must
+# never see SIGUSR1: it dies on it and orphans its workers. SIGTERM to this shell means SLURM is ending the job
+# (scancel, scontrol requeue, preemption, the time limit): it signals the job steps itself; this shell only
+# notes it and lives on to read the markers.
 srun_pid=""
 stop_requested=0
 forwarded=0
@@ -295,8 +342,9 @@ forward_stop() {
   stop_requested=1
   if [ -n "$srun_pid" ] && [ "$forwarded" = 0 ]; then
     forwarded=1
-    echo "qlora-dist slurm: SIGUSR1: sending SIGTERM to srun; the run checkpoints at its next optimizer step" >&2
-    kill -TERM "$srun_pid" 2>/dev/null || true
+    echo "qlora-dist slurm: SIGUSR1: SIGTERM to the steps of job $SLURM_JOB_ID; the run checkpoints at its next" \
+      "optimizer step" >&2
+    scancel --signal=TERM "$SLURM_JOB_ID" || echo "qlora-dist slurm: scancel --signal=TERM failed" >&2
   fi
 }
 trap forward_stop USR1
@@ -308,7 +356,14 @@ trap on_term TERM
 
 srun @SRUN_OPTIONS@ bash -c "$NODE_SCRIPT" qlora-dist-node "$RUN_CONFIG"@OVERRIDES@ &
 srun_pid=$!
-if [ "$stop_requested" = 1 ]; then forward_stop; fi
+if [ "$stop_requested" = 1 ]; then
+  # The warning came before srun: give srun a moment to create its step, which is what scancel signals.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    if [ -n "$(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -v "\.batch$\|\.extern$")" ]; then break; fi
+    sleep 1
+  done
+  forward_stop
+fi
 # A trapped signal cuts `wait` short (status > 128): wait again while srun runs, then once more for its own
 # status (bash keeps the status of an exited background job).
 wait "$srun_pid"

@@ -2,7 +2,7 @@
 
 - :func:`train_tokenizer` trains a byte-level BPE tokenizer (the `tokenizers` library) with bos/eos/pad and a
   small chat template, and saves it with ``save_pretrained`` so ``AutoTokenizer`` loads it back.
-- :func:`build_tiny_model` builds a randomly initialised Llama or Qwen2 causal LM (``from_config``) whose
+- :func:`build_tiny_model` builds a randomly initialised causal LM (Llama, Qwen2, or one of :data:`FAMILIES`) (``from_config``) whose
   vocabulary and special ids match that tokenizer, and saves it (safetensors) with the tokenizer beside it.
 - :func:`demo_texts` yields every string in ``examples/data/*.jsonl``, the corpus the demo tokenizer is
   trained on.
@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -43,6 +50,24 @@ CHAT_TEMPLATE = (
 )
 
 _ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "phi3": ("phi3", {}),
+    "gemma2": ("gemma2", {"head_dim": 16}),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16}),
+    "gpt_neox": ("gpt_neox", {}),
+    "falcon": ("falcon", {}),
+    "gpt2": ("gpt2", {"n_positions": 2048}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (
+        "qwen3_moe",
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    ),
+}
+"""More families :func:`build_tiny_model` builds, by transformers ``model_type``: (model_type, the settings that
+keep the tiny shape valid: a head size of 16 where the family's default is 128/256, experts, ...)."""
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "examples" / "data"
 
@@ -145,15 +170,16 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """Build a randomly initialised causal LM, save it (safetensors) and ``tokenizer`` to ``out_dir``; return it.
 
-    ``arch`` is ``llama`` or ``qwen2`` (Qwen2 has biased q/k/v projections, which LoRA/merge code must handle).
+    ``arch`` is ``llama`` or ``qwen2`` (Qwen2 has biased q/k/v projections, which LoRA/merge code must handle),
+    or one of :data:`FAMILIES` (the model-zoo test's families: GPT-2's Conv1D, Falcon, fused MoE experts, ...).
     The model has 4 attention heads and 2 key/value heads (grouped-query attention, as in real checkpoints).
     ``overrides`` go to the config class, e.g. ``tie_word_embeddings=True`` or ``num_attention_heads=2``.
     The weights depend only on ``seed`` (the global torch RNG is left untouched). ``dtype`` and ``device`` are
     where the weights are initialised and the dtype they are saved in: an 8B shape initialises in seconds on a GPU
     in bfloat16 and takes minutes on a CPU.
     """
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(_ARCHS)}")
+    if arch not in _ARCHS and arch not in FAMILIES:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join([*_ARCHS, *FAMILIES])}")
     settings: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -169,8 +195,12 @@ def build_tiny_model(
     )
     if arch == "qwen2":
         settings["use_sliding_window"] = False
-    settings.update(overrides)
-    config = _ARCHS[arch](**settings)
+    if arch in FAMILIES:
+        model_type, family_settings = FAMILIES[arch]
+        config = AutoConfig.for_model(model_type, **{**settings, **family_settings, **overrides})
+    else:
+        settings.update(overrides)
+        config = _ARCHS[arch](**settings)
     # fork_rng: seed the init without changing the caller's global RNG state.
     on = torch.device(device)
     with torch.random.fork_rng(devices=[on.index or 0] if on.type == "cuda" else []), on:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny tokenizer trained on the example data and tiny Llama/Qwen2 model folders.
+"""Shared test fixtures: a tiny tokenizer trained on the example data and tiny Llama/Qwen2/GPT-2 model folders.
 
 Everything is built locally (no hub access) once per test session, under pytest's temporary folder.
 """
@@ -54,4 +54,14 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
 
     out = tmp_path_factory.mktemp("tiny_qwen2")
     build_tiny_model(out, tiny_tokenizer, arch="qwen2")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A saved 2-layer, hidden-64 GPT-2 (Conv1D layers: weights stored (in, out)), seed 0."""
+    from qlora_dist.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    build_tiny_model(out, tiny_tokenizer, arch="gpt2")
     return out

@@ -47,6 +47,8 @@ def zero_runs(tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir):
 def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
     out, report, proc = zero_runs[stage]
     assert report["world_size"] == 2 and report["distributed_type"] == "DEEPSPEED" and report["strategy"] == stage
+    # The 4-bit share is measured on the loaded (under ZeRO-3: partitioned) base: still the whole decoder.
+    assert report["quantized_fraction"] == 1.0 and report["quantization"]["qlora"] is True
     # bitsandbytes' paged 8-bit AdamW runs under both stages (the evidence for keeping it there).
     assert report["optimizer"] == "paged_adamw_8bit"
     # DeepSpeed reduces exactly the LoRA gradients (fp32 here), once per micro-step (grad_accum=1).

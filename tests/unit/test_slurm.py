@@ -92,10 +92,12 @@ def test_sbatch_header(run_config):
     assert not any(flag in bare for flag in ("--partition=", "--time=", "--account=", "--cpus-per-task="))
 
 
-def test_usr1_trapped_and_forwarded_to_srun_as_sigterm(run_config):
+def test_usr1_trapped_and_sent_to_the_steps_as_sigterm(run_config):
     code = "\n".join(code_lines(render(run_config)))
     assert "trap forward_stop USR1" in code
-    assert 'kill -TERM "$srun_pid"' in code
+    # SLURM signals the steps' tasks; never srun itself, which SIGKILLs its tasks on SIGTERM.
+    assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in code
+    assert "kill -TERM" not in code and "--batch" not in code and "--full" not in code
     srun_line = next(line for line in code.splitlines() if line.startswith("srun "))
     assert srun_line.endswith("&")  # in the background, so the trap runs while the shell waits
     assert "--kill-on-bad-exit=1" in srun_line and "--ntasks-per-node=1" in srun_line
@@ -149,6 +151,9 @@ def test_input_errors(run_config):
     with pytest.raises(UserError, match="train.strategy=zero3 but"):
         render(run_config, overrides=["train.strategy=zero3"])
     render(run_config, overrides=["train.strategy=zero3"], launch_config=ZERO3)
+    render(run_config, overrides=["train.strategy=fsdp2"], launch_config=str(REPO / "launch_configs" / "fsdp2.yaml"))
+    with pytest.raises(UserError, match="train.strategy=fsdp2 but"):
+        render(run_config, overrides=["train.strategy=fsdp2"])
     with pytest.raises(UserError, match="--nodes 0"):
         render(run_config, nodes=0)
     with pytest.raises(UserError, match="--signal-seconds 300 is not shorter"):
@@ -159,6 +164,22 @@ def test_input_errors(run_config):
         render(run_config, partition="a b")
     with pytest.raises(UserError, match="--extra-sbatch"):
         render(run_config, extra_sbatch=["exclusive"])
+    with pytest.raises(UserError, match="output.overwrite=true would make every requeue"):
+        render(run_config, overrides=["output.overwrite=true"])
+    with pytest.raises(UserError, match="train.resume=never would make every requeue"):
+        render(run_config, overrides=["train.resume=never"])
+    with pytest.raises(UserError, match="--gpus-per-node -1: must be 0 "):
+        render(run_config, gpus_per_node=-1)
+    with pytest.raises(UserError, match="--processes-per-node 0"):
+        render(run_config, processes_per_node=0)
+
+
+def test_cpu_nodes_request_no_gpu(run_config):
+    script = render(run_config, gpus_per_node=0)
+    assert "--gpus-per-node" not in "\n".join(line for line in script.splitlines() if line.startswith("#SBATCH"))
+    assert "gpus" not in "\n".join(code_lines(script)).lower().replace("qlora-dist slurm", "")
+    assert "nvidia-smi" not in "\n".join(code_lines(script))
+    assert "--gpus-per-node 0" in script.splitlines()[1]  # the generating command
 
 
 @pytest.mark.parametrize(
@@ -227,7 +248,12 @@ def stub_path(tmp_path: Path) -> Path:
     writes its arguments to launch-<node>.txt."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stub(bin_dir, "scontrol", 'if [ "$1 $2" = "show hostnames" ]; then printf "node-a\\nnode-b\\n"; fi\n')
+    _stub(
+        bin_dir,
+        "scontrol",
+        'if [ "$1 $2" = "show hostnames" ]; then printf "node-a\\nnode-b\\n"; fi\n'
+        'if [ "$1 $2 $3 $4" = "show node -o node-a" ]; then echo "NodeName=node-a Arch=x86_64 $NODE_ADDR Port=0"; fi\n',
+    )
     _stub(
         bin_dir,
         "srun",
@@ -273,6 +299,30 @@ def test_launch_line_on_each_node(run_config, tmp_path, stub_path, gpus_on_node,
         assert _flag(args, "--rdzv_backend") == "c10d" and _flag(args, "--rdzv_conf") == f"is_host={int(rank == 0)}"
         assert _flag(args, "--deepspeed_multinode_launcher") == "standard"
         assert args[args.index("-m") :] == ["-m", "qlora_dist", "train", str(run_config), "train.lr=1e-4"]
+
+
+@pytest.mark.parametrize(
+    ("node_addr", "main"),
+    [("NodeAddr=10.1.2.3", "10.1.2.3"), ("NodeAddr=(null)", "node-a"), ("", "node-a")],
+    ids=["NodeAddr", "null", "none"],
+)
+def test_main_address_is_the_first_nodes_node_addr(run_config, tmp_path, stub_path, node_addr, main):
+    """Node names need not resolve: the address SLURM itself uses for node 0, the name only when it has none."""
+    launches = _run_script(render(run_config), tmp_path, stub_path, NODE_ADDR=node_addr, SLURM_GPUS_ON_NODE="1")
+    assert [_flag(args, "--main_process_ip") for args in launches] == [main, main]
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_node", "processes_per_node", "per_node"),
+    [(0, None, 1), (0, 3, 3), (8, 2, 2)],
+    ids=["cpu", "cpu-3", "gpu-2"],
+)
+def test_fixed_processes_per_node(run_config, tmp_path, stub_path, gpus_per_node, processes_per_node, per_node):
+    """CPU nodes run one process each unless told otherwise; a fixed count wins over what the node reports."""
+    _stub(stub_path, "nvidia-smi", 'printf "GPU 0: NVIDIA H100 (UUID: GPU-0)\\n"\n')
+    script = render(run_config, gpus_per_node=gpus_per_node, processes_per_node=processes_per_node)
+    for args in _run_script(script, tmp_path, stub_path, SLURM_GPUS_ON_NODE="4"):
+        assert _flag(args, "--num_processes") == str(2 * per_node)
 
 
 def test_single_node_launch_uses_static_rendezvous(run_config, tmp_path, stub_path):
