@@ -25,9 +25,9 @@ test: $(STAMP)
 
 # Throughput against the reference Trainer recipe (about 10 minutes on 2 CPU cores); writes BENCHMARKS.md.
 bench: $(STAMP)
-	$(BIN)/python -m qlora_dist.bench
+	$(BIN)/python -m benchmarks.throughput
 
-# The GPU check (python -m qlora_dist.bench_gpu): an 8B-shaped model on one GPU, about 5 minutes on an H200.
+# The GPU check (python -m benchmarks.gpu): an 8B-shaped model on one GPU, about 5 minutes on an H200.
 # It runs with the GPU machine's own python and packages (no venv, no network there): wheels it lacks
 # (`make gpu-wheels`, run where pip works) are installed from .whl/ into a temporary folder first.
 GPU_PYTHON ?= python3
@@ -39,7 +39,7 @@ bench-gpu:
 			--target $(GPU_SITE) .whl/*.whl; fi
 	mkdir -p $(GPU_OUT)
 	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) \
-		-m qlora_dist.bench_gpu --markdown $(GPU_OUT)/BENCH_GPU.md --json $(GPU_OUT)/bench_gpu.json $(BENCH_GPU_ARGS)
+		-m benchmarks.gpu --markdown $(GPU_OUT)/BENCH_GPU.md --json $(GPU_OUT)/bench_gpu.json $(BENCH_GPU_ARGS)
 	# FSDP2 on every GPU of the machine (written, not yet run on a GPU).
 	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) \
 		benchmarks/fsdp2_gpu_check.py --json $(GPU_OUT)/fsdp2_gpu_check.json

@@ -61,6 +61,11 @@ class QuantConfig:
     storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in: ``auto`` is uint8, or the compute dtype under ZeRO-3
     (which can only partition the weights in that dtype)."""
+    cache: bool = True
+    """Quantize once per machine: the local main process saves the packed 4-bit base, every rank and every
+    later run with the same base files and settings loads it (bit-identical; not under ZeRO-3)."""
+    cache_dir: str = ""
+    """Where the quantized bases are kept; empty is ``$QLORA_DIST_CACHE/nf4`` (``~/.cache/qlora_dist/nf4``)."""
     allow_unquantized: bool = False
     """Train even when less than half of the decoder weights can be held in 4-bit (a family bitsandbytes does
     not quantize, e.g. fused MoE experts): the run is then not QLoRA, and ``run_report.json`` says so."""
@@ -115,6 +120,9 @@ class DataConfig:
     """Pack several examples into one sequence (no attention across example boundaries)."""
     group_by_length: bool = False
     """Put examples of similar length in the same batch (less padding when not packing); the order stays seeded."""
+    balance_tokens: bool = True
+    """Split each optimizer step's examples over ranks and micro-batches by tokens, not by count, so no rank
+    waits for one that pads to a longer example; the examples of each step stay the same."""
     eval_fraction: float = 0.0
     """Share of examples held out for the eval loss (0 disables eval)."""
 
@@ -189,6 +197,12 @@ class TrainConfig:
     """Callbacks on training events, by name: built-in (stop_on_nan), installed plugins, or package.module:attr."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
+    chunked_loss: bool = True
+    """Take the loss from the final hidden states in chunks, never holding the full-vocabulary logits (false:
+    the model's own full logits)."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the chunked loss; 0 picks it from the vocabulary size (about 32 MiB of float32
+    logits per chunk)."""
     eval_steps: int = 0
     """Evaluate every this many optimizer steps (0: only at the end). Needs data.eval_fraction > 0."""
     log_steps: int = 1
@@ -216,6 +230,7 @@ class TrainConfig:
         _check_range("train.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         _check_range("train.weight_decay", self.weight_decay, low=0.0)
         _check_range("train.max_grad_norm", self.max_grad_norm, low=0.0)
+        _check_range("train.loss_chunk_tokens", self.loss_chunk_tokens, low=0)
         _check_range("train.eval_steps", self.eval_steps, low=0)
         _check_range("train.log_steps", self.log_steps, low=1)
         _check_range("train.save_steps", self.save_steps, low=0)
@@ -238,7 +253,8 @@ class OutputConfig:
     """Merge into the base dequantized from the NF4 weights the adapter was trained against, or into the
     original unquantized weights."""
     merge_dtype: DType = "auto"
-    """dtype of the merged model; ``auto`` is the compute dtype."""
+    """dtype of the merged model; ``auto`` is the base checkpoint's own (its config.json ``dtype``), else the
+    compute dtype."""
     overwrite: bool = False
     """Allow writing into an output folder that already holds a finished run, or start over where checkpoints
     exist (they are then deleted; without it a checkpoint is never deleted on doubt)."""

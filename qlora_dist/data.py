@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -928,6 +929,110 @@ def rank_indices(
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     rest = epoch_order(n, seed, epoch, lengths, global_batch)[start:]
     return rest[: len(rest) - len(rest) % world_size][rank::world_size]
+
+
+def balanced_step_batches(
+    n: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    lengths: Sequence[int],
+    start: int = 0,
+    group_lengths: Sequence[int] | None = None,
+) -> Iterator[list[list[int]]]:
+    """This rank's micro-batches, one list per optimizer step, with each step's examples split over ranks and
+    micro-batches by tokens instead of by count (``data.balance_tokens``).
+
+    Every step takes the same contiguous block of the epoch's order as the count split does (``global batch =
+    micro_batch_size x grad_accum x world_size`` examples; the order as in :func:`rank_indices`, grouped by
+    ``group_lengths`` when given), so the examples of a step depend on the global batch only: a resumed run and
+    1 rank x 2b still see what 2 ranks x b see. Only their placement changes (:func:`split_by_tokens`); the
+    loss is normalised over the whole global batch, so the gradient is the same.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    global_batch = micro_batch_size * grad_accum * world_size
+    rest = epoch_order(n, seed, epoch, group_lengths, global_batch)[start:]
+    rest = rest[: len(rest) - len(rest) % world_size]
+    for begin in range(0, len(rest), global_batch):
+        yield split_by_tokens(rest[begin : begin + global_batch], lengths, world_size, grad_accum)[rank]
+
+
+def split_by_tokens(
+    block: Sequence[int], lengths: Sequence[int], world_size: int, grad_accum: int
+) -> list[list[list[int]]]:
+    """``[rank][micro-batch] -> example indices`` for one optimizer step's ``block`` (its length a multiple of
+    ``world_size``), so that the ranks' padded tokens (rows x longest row, summed over their micro-batches) are
+    about equal: no rank waits in the gradient all-reduce for one that pads to a longer example.
+
+    Every rank keeps the same number of examples (``len(block) / world_size``: the run counts its position in
+    the epoch by it) and of micro-batches (``grad_accum``, fewer only when a rank has fewer examples); the
+    number of rows per micro-batch is free. Examples go longest first, each to the rank where it adds least
+    to that rank's padded total (a new micro-batch costs the example's length, a row in an existing one that
+    micro-batch's longest), never making a micro-batch costlier than the count split can
+    (``ceil(examples per rank / micro-batches)`` rows of the block's longest example), so memory stays
+    within the plan. Ties go to the lower rank and micro-batch: a pure function of its arguments.
+    """
+    ordered = sorted(block, key=lambda i: (-lengths[i], i))
+    quota = len(ordered) // world_size
+    if quota * world_size != len(ordered) or not ordered:
+        raise ValueError(f"a block of {len(ordered)} examples does not split over {world_size} ranks")
+    bins = bins_per_rank = min(grad_accum, quota)
+    cap = math.ceil(quota / bins) * max(1, lengths[ordered[0]])
+    out: list[list[list[int]]] = [[[] for _ in range(bins)] for _ in range(world_size)]
+    longest = [[0] * bins for _ in range(world_size)]
+    total, count = [0] * world_size, [0] * world_size
+    for i in ordered:
+        n = max(1, lengths[i])
+        best = None  # (new rank total, rank, micro-batch, cost)
+        for r in range(world_size):
+            if count[r] == quota:
+                continue
+            options = [
+                (n if not out[r][b] else longest[r][b], b)
+                for b in range(bins)
+                if not out[r][b] or (len(out[r][b]) + 1) * longest[r][b] <= cap
+            ]
+            # An empty micro-batch is always the cheapest (examples come longest first), so none stays empty.
+            cost, b = min(options, key=lambda o: (o[0], bool(out[r][o[1]]), o[1]))
+            if best is None or total[r] + cost < best[0]:
+                best = (total[r] + cost, r, b, cost)
+        _, r, b, cost = best
+        out[r][b].append(i)
+        longest[r][b] = max(longest[r][b], n)
+        total[r] += cost
+        count[r] += 1
+    # The greedy fill opens micro-batches too eagerly (a medium example alone makes every later row cost its
+    # length): given each rank's examples, cut them again into its micro-batches at the cheapest places.
+    return [_cheapest_cut([i for b in bins for i in b], lengths, bins_per_rank, cap) for bins in out]
+
+
+def _cheapest_cut(items: list[int], lengths: Sequence[int], bins: int, cap: int) -> list[list[int]]:
+    """``items`` sorted longest first, cut into ``bins`` non-empty contiguous micro-batches minimising the sum
+    of their padded sizes (rows x first row's length), none above ``cap`` (dynamic programming)."""
+    items = sorted(items, key=lambda i: (-lengths[i], i))
+    size = [max(1, lengths[i]) for i in items]
+    n, inf = len(items), float("inf")
+    best = [[inf] * (n + 1) for _ in range(bins + 1)]
+    cut = [[0] * (n + 1) for _ in range(bins + 1)]
+    best[0][0] = 0
+    for j in range(1, bins + 1):
+        for end in range(j, n + 1):
+            for begin in range(j - 1, end):
+                cost = (end - begin) * size[begin]
+                if cost <= cap and best[j - 1][begin] + cost < best[j][end]:
+                    best[j][end], cut[j][end] = best[j - 1][begin] + cost, begin
+    if best[bins][n] == inf:  # cannot happen with the greedy's own cap; keep its cut
+        raise RuntimeError("no cut of the micro-batches within the cap")
+    out, end = [], n
+    for j in range(bins, 0, -1):
+        begin = cut[j][end]
+        out.append(items[begin:end])
+        end = begin
+    return out[::-1]
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

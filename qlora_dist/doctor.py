@@ -266,11 +266,15 @@ def _check_disk(cfg: RunConfig, holder: dict, env: Mapping[str, str]) -> str | t
 
 
 def _merged_bytes(cfg: RunConfig, params: int) -> tuple[int, str]:
-    """Bytes of the merged model and its dtype: ``merge_dtype: auto`` is the compute dtype, whose ``auto`` is
-    bfloat16 on a GPU and float32 on a CPU (what the merge will write on this machine)."""
+    """Bytes of the merged model and its dtype, resolved as the merge resolves it on this machine."""
     import torch
 
-    name = cfg.output.merge_dtype if cfg.output.merge_dtype != "auto" else cfg.quant.compute_dtype
+    from .merge import checkpoint_dtype
+
+    name = cfg.output.merge_dtype
+    if name == "auto":  # as the merge resolves it: the base checkpoint's own dtype, else the compute dtype
+        stored = checkpoint_dtype(cfg.model.name_or_path)
+        name = str(stored).removeprefix("torch.") if stored is not None else cfg.quant.compute_dtype
     if name == "auto":
         name = "bfloat16" if torch.cuda.is_available() else "float32"
     return (params * (4 if name == "float32" else 2) if cfg.output.merge else 0), name

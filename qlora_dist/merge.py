@@ -834,7 +834,9 @@ def merge_command(
     """``qlora-dist merge``: merge an adapter (trained here or elsewhere) into its base, without training state.
 
     For ``dequantized`` the base is quantized with the settings recorded beside the adapter (NF4 with double
-    quantization when there are none), on a GPU when there is one, then dequantized, as in training. Streams
+    quantization when there are none), on a GPU when there is one, then dequantized, as in training.
+    ``dtype_name="auto"`` writes the base checkpoint's own dtype (:func:`checkpoint_dtype`; the recorded compute
+    dtype when its config does not say). Streams
     shard by shard when the base is in safetensors (see :func:`streaming_blocker`), else merges in memory;
     ``method`` (``auto`` | ``streaming`` | ``in-memory``) forces one of them (benchmarks, tests).
 
@@ -866,7 +868,7 @@ def merge_command(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nf4 = NF4Rebuild.from_meta(meta, device) if merge_base == "dequantized" else None
     compute = resolve_dtype(meta.get("compute_dtype", "auto"), device)
-    dtype = compute if dtype_name == "auto" else resolve_dtype(dtype_name, device)
+    dtype = (checkpoint_dtype(base) or compute) if dtype_name == "auto" else resolve_dtype(dtype_name, device)
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_source)
@@ -915,6 +917,23 @@ def merge_command(
         error_text,
     )
     return info
+
+
+def checkpoint_dtype(base_path: str) -> torch.dtype | None:
+    """The dtype the base checkpoint is stored in, from its config.json (``dtype``, or the older
+    ``torch_dtype``): what ``merge_dtype: auto`` writes, so the merged model is the size of the base (a bf16
+    base merged in the CPU's float32 compute dtype would double). None when the config does not say."""
+    folder = _local_model_dir(base_path)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 MERGE_REPORT = "merge_report.json"

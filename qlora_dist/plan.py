@@ -28,8 +28,9 @@ Exact and estimated parts
 *Estimated* (documented assumptions, see the functions):
 
 - ``activations``: :func:`activation_bytes`, a per-layer count of what autograd keeps for backward in a
-  Llama-style decoder with peft LoRA, plus the loss over the logits, taking the largest of three moments
-  (end of forward, start of backward over the logits, backward through one decoder layer).
+  Llama-style decoder with peft LoRA, plus the loss: one chunk of logits at a time with the chunked loss
+  (``train.chunked_loss``, the default), else the full logits; taking the largest of the moments (end of
+  forward, start of backward over the logits, backward through one decoder layer).
 - ``comm_buffers``: 0 under DDP (qlora_dist sets ``gradient_as_bucket_view``: the gradients are the buckets)
   or DeepSpeed's reduce bucket (``reduce_bucket_size`` elements, fp32; 5e8 by default: 1.86 GiB).
 - ``zero3_gathered``: under ZeRO-3, the largest module's weights gathered whole plus a prefetch bucket.
@@ -516,6 +517,7 @@ def activation_bytes(
     dtype_bytes: int,
     checkpointing: bool,
     device: str = "cuda",
+    loss_chunk: int | None = None,
 ) -> int:
     """Peak bytes of activations and their gradients in one forward + backward (an estimate).
 
@@ -533,7 +535,10 @@ def activation_bytes(
     With gradient checkpointing each layer keeps only its input (``h e``) and one layer at a time is recomputed
     in backward. The loss over the logits (``V`` vocabulary) costs, at its peak, the logits, their fp32 copy and
     fp32 log-softmax at the end of forward, or the log-softmax with two fp32 gradients at the start of backward
-    (``12 V`` per token). The result is the largest of: end of forward, start of backward, and backward through
+    (``12 V`` per token). With the chunked loss (``loss_chunk`` tokens, :mod:`qlora_dist.loss`) no token holds
+    logits: each labelled token keeps a copy of its final hidden row and that row's gradient (``2 h e``), and one
+    chunk at a time holds its logits, their fp32 copy, log-softmax and gradient (``e + 12`` per vocabulary entry
+    and chunk token). The result is the largest of: end of forward, start of backward, and backward through
     a decoder layer (saved tensors plus transient gradients and one dequantized weight), plus the padding-aware
     attention mask every layer shares (``b x s x s``, bool and compute dtype). Not counted: the rotary tables
     (shared, small) and kernels' own workspaces. ``seq_len`` is ``data.max_length``, the longest a batch can be.
@@ -555,15 +560,20 @@ def activation_bytes(
     layer_backward = 2 * i * e + 2 * 4 * h  # gradients in flight inside a layer's backward
     inputs = 4 * 8  # input ids, attention mask, labels, position ids (int64)
     final_norm = 4 * h
+    kept = layout.layers * (h * e if checkpointing else per_layer)
+    through_layer = kept + (per_layer if checkpointing else 0) + layer_backward
+    attention_mask = micro_batch * seq_len * seq_len * (e + 1)
+    fixed = largest_weight * e + attention_mask
+    if loss_chunk is not None:
+        chunk = min(tokens, loss_chunk)
+        loss_moment = tokens * (kept + final_norm + 2 * h * e + inputs) + chunk * v * (e + 12)
+        return max(loss_moment, tokens * (through_layer + inputs)) + fixed
     logits_forward = v * (e + (e if micro_batch > 1 else 0) + (4 if e != 4 else 0) + 4)
     logits_backward = v * max(12, 4 + 2 * e)
-    kept = layout.layers * (h * e if checkpointing else per_layer)
     end_of_forward = kept + final_norm + logits_forward
     start_of_backward = kept + final_norm + logits_backward
-    through_layer = kept + (per_layer if checkpointing else 0) + layer_backward
     peak = max(end_of_forward, start_of_backward, through_layer) + inputs
-    attention_mask = micro_batch * seq_len * seq_len * (e + 1)
-    return tokens * peak + largest_weight * e + attention_mask
+    return tokens * peak + fixed
 
 
 def host_ram_bytes(
@@ -695,8 +705,14 @@ def plan_memory(
             _DTYPE_BYTES[compute],
             checkpointing,
             device,
+            loss_chunk,
         )
 
+    loss_chunk = None
+    if config.train.chunked_loss:
+        from .loss import CHUNK_LOGIT_BYTES
+
+        loss_chunk = config.train.loss_chunk_tokens or max(1, CHUNK_LOGIT_BYTES // (4 * max(layout.vocab, 1)))
     ckpt = config.train.gradient_checkpointing
     overhead = CUDA_OVERHEAD if device == "cuda" else 0
     per_gpu = {

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import attention, checkpoint, lock, preemption, quiet
+from . import attention, base_cache, checkpoint, lock, preemption, quiet
 from . import data as data_mod
 from . import model as model_mod
 from . import trackers as tracker_mod
@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .errors import PeerExit, UserError
 from .fsutil import disk_errors, replace_dir
-from .merge import QUANT_META, NF4Rebuild, logits_of, merge_trained
+from .merge import QUANT_META, NF4Rebuild, checkpoint_dtype, logits_of, merge_trained
 from .quant import coverage
 from .report import write_json, write_text_atomic
 from .strategies import Strategy, resolve_strategy
@@ -132,15 +132,33 @@ class QLoRAPlugin:
         # Not QLoRA (too little of the base would be 4-bit): refused before a weight is read.
         predicted, model_type = coverage.predict_for(cfg.model, quant, self.compute_dtype)
         coverage.require_qlora(predicted, model_type, quant.allow_unquantized, "predicted from config.json")
-        base = model_mod.load_quantized_model(
-            cfg.model,
+        device_map = self.strategy.device_map(accelerator.device)
+        # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
+        attn = attention.register() if cfg.data.packing else None
+
+        def load(path: str) -> torch.nn.Module:
+            model_cfg = dataclasses.replace(cfg.model, name_or_path=path)
+            return model_mod.load_quantized_model(
+                model_cfg,
+                quant,
+                accelerator.device,
+                self.compute_dtype,
+                device_map=device_map,
+                attn_implementation=attn,
+            )
+
+        base, how = base_cache.load_base(
+            load,
+            cfg.model.name_or_path,
+            model_mod.check_model_path(cfg.model),
             quant,
-            accelerator.device,
             self.compute_dtype,
-            device_map=self.strategy.device_map(accelerator.device),
-            # Packed rows: attention per example instead of a block-diagonal mask over the whole row.
-            attn_implementation=attention.register() if cfg.data.packing else None,
+            accelerator.device,
+            self._base_cache_root(device_map),
+            accelerator.is_local_main_process,
+            accelerator.wait_for_everyone,
         )
+        self.facts["base_load"] = base_cache.report(how)
         # ...and measured on what was loaded: the figure the report gives, and the same rule applied to it.
         self.coverage = coverage.measure(base)
         coverage.require_qlora(self.coverage, model_type, quant.allow_unquantized, "measured on the loaded model")
@@ -159,6 +177,19 @@ class QLoRAPlugin:
             full_grad_bytes=(total - trainable) * 4,
         )
         return model, tokenizer
+
+    def _base_cache_root(self, device_map) -> Path | None:
+        """Where the quantized base is cached (None: not cached; ZeRO-3 partitions the base while it loads)."""
+        if not self.config.quant.cache:
+            return None
+        if device_map is None:
+            log.info("quantized-base cache not used: ZeRO-3 partitions the base while it loads")
+            return None
+        return (
+            Path(self.config.quant.cache_dir).expanduser()
+            if self.config.quant.cache_dir
+            else default_cache_dir() / "nf4"
+        )
 
     def load_data(self, accelerator, tokenizer):
         """Tokenized (train, eval) data sets; the local main process tokenizes first, the others read its cache.
@@ -198,16 +229,18 @@ class QLoRAPlugin:
         """Forward and backward over one optimizer step's micro-batches with qlora-dist train's own loss
         (token cross-entropy, normalised by :meth:`loss_scale`); returns (global mean loss, real tokens over all
         ranks). Then call ``plugin.strategy.step(...)`` and ``scheduler.step()``."""
-        from .train import train_step
+        from .train import loss_chunk_tokens, train_step
 
-        loss, tokens, _ = train_step(model, micro_batches, accelerator, self.strategy)
+        chunk = loss_chunk_tokens(self.config.train)
+        loss, tokens, _ = train_step(model, micro_batches, accelerator, self.strategy, chunk_tokens=chunk)
         return loss, tokens
 
     def evaluate(self, accelerator, model, eval_data, pad_id: int) -> float:
         """Token-mean loss over ``eval_data``, each rank taking its share (every rank calls this)."""
-        from .train import evaluate
+        from .train import evaluate, loss_chunk_tokens
 
-        return evaluate(model, eval_data, accelerator, self.config.train.micro_batch_size, pad_id)
+        t = self.config.train
+        return evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id, loss_chunk_tokens(t))
 
     # -- experiment trackers ------------------------------------------------------------------------------
 
@@ -283,6 +316,14 @@ class QLoRAPlugin:
         # Length grouping permutes the order in whole global batches, so 2 ranks x b still see what 1 x 2b sees.
         lengths = data_mod.example_lengths(dataset) if self.config.data.group_by_length else None
         global_batch = t.micro_batch_size * t.grad_accum * world_size
+        if self.config.data.balance_tokens:  # the same examples per step, placed over ranks by tokens
+            steps = data_mod.balanced_step_batches(
+                len(dataset), t.seed, epoch, rank, world_size, t.micro_batch_size, t.grad_accum,
+                lengths or data_mod.example_lengths(dataset), start=start, group_lengths=lengths,
+            )  # fmt: skip
+            for micro in steps:
+                yield [self._batch(dataset, idx, pad_id) for idx in micro]
+            return
         indices = data_mod.rank_indices(
             len(dataset), t.seed, epoch, rank, world_size, start=start, lengths=lengths, global_batch=global_batch
         )
@@ -319,6 +360,7 @@ class QLoRAPlugin:
                 "lora_checksum": model_mod.lora_checksum(unwrapped, strategy.gathered),
                 "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 "base_bytes": model_mod.local_base_bytes(unwrapped),
+                "base_load": self.facts.get("base_load"),
                 # Before anything below gathers: only the training loop's collectives are timed. Not measured
                 # (None) when the model was wrapped without plugin.prepare: nothing counted it.
                 "comm_seconds": getattr(strategy, "comm_seconds", lambda: None)() if self._prepared else None,
@@ -386,6 +428,7 @@ class QLoRAPlugin:
             "data_sources": self.facts.get("data_sources"),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
             "base_bytes_per_rank": [r["base_bytes"] for r in per_rank],
+            "base_load_per_rank": [r["base_load"] for r in per_rank],
         }
         report.update({k: v for k, v in stats.items() if k not in ("examples_first_epoch", "indices_first_epoch")})
         report["merge"] = None
@@ -438,8 +481,8 @@ class QLoRAPlugin:
         return state
 
     def _merge_dtype(self, device: torch.device) -> torch.dtype:
-        if self.config.output.merge_dtype == "auto":
-            return self.compute_dtype
+        if self.config.output.merge_dtype == "auto":  # the base checkpoint's own dtype: the merge is its size
+            return checkpoint_dtype(self.config.model.name_or_path) or self.compute_dtype
         return model_mod.resolve_dtype(self.config.output.merge_dtype, device)
 
     def write_resolved_config(self, accelerator, fresh: bool = True) -> None:

@@ -13,13 +13,13 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint, preemption
 from .checkpoint import TrainState
 from .config import RunConfig
 from .data import collate
 from .distributed import all_reduce_sum, peak_memory_bytes
+from .loss import real_token_count, target_count, token_loss_sum
 from .plugin import QLoRAPlugin
 from .preemption import StopSignal
 from .progress import Progress
@@ -87,7 +87,9 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         for micro_batches in plugin.epoch_steps(
             train_data, state.epoch, rank, world, pad_id, start=state.epoch_position
         ):
-            loss, step_tokens, stop_requested = train_step(model, micro_batches, accelerator, strategy, stop.requested)
+            loss, step_tokens, stop_requested = train_step(
+                model, micro_batches, accelerator, strategy, stop.requested, chunk_tokens=loss_chunk_tokens(t)
+            )
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
             state.step += 1
@@ -101,7 +103,9 @@ def train(config: RunConfig) -> dict[str, Any] | None:
             row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
             row.update(grad_norm=grad_norm, tokens_per_s=state.tokens / max(state.train_seconds, 1e-9))
             if eval_data is not None and t.eval_steps and state.step % t.eval_steps == 0 and not finished(state, t):
-                row["eval_loss"] = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id)
+                row["eval_loss"] = evaluate(
+                    model, eval_data, accelerator, t.micro_batch_size, pad_id, loss_chunk_tokens(t)
+                )
             if state.step % t.log_steps == 0 or finished(state, t) or "eval_loss" in row:
                 metrics.write({**row, "elapsed_s": round(state.train_seconds, 3)})
             progress.update(state.step, row, peak_memory_bytes(accelerator.device))
@@ -128,7 +132,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
 
     if eval_data is not None:
-        eval_loss = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id)
+        eval_loss = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id, loss_chunk_tokens(t))
         metrics.write({"step": state.step, "eval_loss": eval_loss})
     stats = {
         "steps": state.step,
@@ -151,6 +155,11 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     return report
 
 
+def loss_chunk_tokens(t) -> int | None:
+    """The loss's chunk size from the config: None for the model's full logits."""
+    return t.loss_chunk_tokens if t.chunked_loss else None
+
+
 def finished(state: TrainState, t) -> bool:
     """``max_steps`` optimizer steps done, or else ``epochs`` whole epochs."""
     return state.step >= t.max_steps if t.max_steps else state.epoch >= t.epochs
@@ -169,14 +178,17 @@ def loss_scale(micro_batches: list[dict[str, torch.Tensor]], accelerator) -> tup
     return accelerator.num_processes / max(global_targets, 1.0), global_targets
 
 
-def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy, stop: bool = False):
+def train_step(
+    model, micro_batches: list[dict[str, torch.Tensor]], accelerator, strategy, stop: bool = False, chunk_tokens=0
+):
     """Forward and backward over one optimizer step's micro-batches.
 
     Returns (global mean loss, real tokens over all ranks, whether any rank asked to stop): the stop flag
     rides on the loss all-reduce, so agreeing to stop costs no extra collective.
 
     The loss is normalised by :func:`loss_scale`: by the label tokens of the whole global batch, times the
-    world size.
+    world size. ``chunk_tokens`` is :func:`qlora_dist.loss.token_loss_sum`'s (None: full
+    logits).
     """
     scale, global_targets = loss_scale(micro_batches, accelerator)
     loss_sum, real_tokens = 0.0, 0
@@ -185,37 +197,15 @@ def train_step(model, micro_batches: list[dict[str, torch.Tensor]], accelerator,
         real_tokens += real_token_count(batch)
         # Gradients cross the network once per optimizer step, on its last micro-batch.
         with strategy.micro_step(model, sync=i == len(micro_batches) - 1):
-            summed = token_loss_sum(model, batch)
+            summed = token_loss_sum(model, batch, chunk_tokens)
             strategy.backward(accelerator, model, summed * scale)
         loss_sum += float(summed.detach())
     total_loss, total_real, stops = all_reduce_sum([loss_sum, real_tokens, float(stop)], accelerator.device)
     return total_loss / max(global_targets, 1.0), int(total_real), stops > 0
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy summed over the labelled tokens of ``batch`` (labels -100 are ignored)."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
-    # Shift the labels left rather than cutting the last position off the logits: a slice of the logits would be
-    # copied (batch x length x vocabulary) in forward and again in backward; the extra -100 costs nothing.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).to(logits.device)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that contribute to the loss (labels shifted by one, -100 ignored)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def real_token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens of a batch (what tokens/s counts)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["real_tokens"].sum()) if "real_tokens" in batch else int(batch["input_ids"].numel())
-
-
 @torch.no_grad()
-def evaluate(model, dataset, accelerator, batch_size: int, pad_id: int) -> float:
+def evaluate(model, dataset, accelerator, batch_size: int, pad_id: int, chunk_tokens: int | None = 0) -> float:
     """Token-mean loss over the eval set, each rank taking every world-th example; one all-reduce at the end."""
     net = accelerator.unwrap_model(model)  # no DDP forward: nothing to synchronise in eval
     net.eval()
@@ -229,7 +219,7 @@ def evaluate(model, dataset, accelerator, batch_size: int, pad_id: int) -> float
         chunk = indices[b * batch_size : (b + 1) * batch_size]
         batch = collate([dataset[i] for i in (chunk or [0])], pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        summed = float(token_loss_sum(net, batch))
+        summed = float(token_loss_sum(net, batch, chunk_tokens))
         if chunk:
             loss_sum += summed
             targets += target_count(batch)

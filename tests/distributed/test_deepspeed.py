@@ -7,6 +7,7 @@ and ZeRO-3 training, and the refusals of known-bad combinations.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -104,6 +105,13 @@ def test_zero3_shards_the_base_and_gathers_it(zero_runs):
 def test_single_ddp_zero2_zero3_reach_the_same_lora_weights(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):
     """Same seed, data and global batch (8): 1 process x 8, and 2 ranks x 4 under DDP, ZeRO-2 and ZeRO-3.
 
+    The single process takes its loss from the model's full logits (``train.chunked_loss: false``), the others
+    from the chunked loss (the head gathered for it under ZeRO-3): the chunked loss trains the same adapter.
+    Every step's loss and the first step's gradient norm agree to 1e-6 relative. The weights get atol 1e-5:
+    the chunked loss's backward multiplies only the labelled rows, so its gradients differ from the full
+    path's in the last bits (~1e-7 relative), and AdamW's first step (update ~ lr * g / |g|) turns that into
+    up to ~5e-6 on the odd weight whose gradient is nearly zero (measured: one element of 16384).
+
     fp32 on CPU. The runs differ only in the order of floating-point sums (one sum over 8 sequences vs two
     partial sums reduced by a collective; ZeRO reduces flattened buckets), ~1e-7 relative per step, so after
     3 AdamW steps the adapters agree to rtol 1e-4 / atol 1e-6. A sharding or normalisation mistake (an example
@@ -112,7 +120,7 @@ def test_single_ddp_zero2_zero3_reach_the_same_lora_weights(tmp_path, tiny_llama
     no_merge = {"merge": False}
     runs = {
         "single": _run(tmp_path, "single", "single_gpu.yaml", tiny_llama_dir, small_alpaca, cache_dir, 1,
-                       train={**EQUIV, "micro_batch_size": 8}, output=no_merge),
+                       train={**EQUIV, "micro_batch_size": 8, "chunked_loss": False}, output=no_merge),
         "ddp": _run(tmp_path, "ddp", "multi_gpu_ddp.yaml", tiny_llama_dir, small_alpaca, cache_dir,
                     train={**EQUIV, "micro_batch_size": 4}, output=no_merge),
         "zero2": _run(tmp_path, "zero2", "deepspeed_zero2.yaml", tiny_llama_dir, small_alpaca, cache_dir,
@@ -125,10 +133,15 @@ def test_single_ddp_zero2_zero3_reach_the_same_lora_weights(tmp_path, tiny_llama
     adapters = {name: load_file(out / "adapter" / "adapter_model.safetensors") for name, (out, _, _) in runs.items()}
     reference = adapters.pop("single")
     assert max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k) > 1e-3  # it trained
+    metrics = {name: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+               for name, (out, _, _) in runs.items()}  # fmt: skip
+    for name, rows in metrics.items():
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in metrics["single"]], rel=1e-6), name
+        assert rows[0]["grad_norm"] == pytest.approx(metrics["single"][0]["grad_norm"], rel=1e-6), name
     for name, adapter in adapters.items():
         assert adapter.keys() == reference.keys(), name
         for key in reference:
-            assert torch.allclose(adapter[key], reference[key], rtol=1e-4, atol=1e-6), (name, key)
+            assert torch.allclose(adapter[key], reference[key], rtol=1e-4, atol=1e-5), (name, key)
 
 
 def test_zero3_offload_switches_optimizer_and_says_so(tmp_path, tiny_llama_dir, small_alpaca, cache_dir):

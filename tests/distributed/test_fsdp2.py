@@ -172,7 +172,9 @@ def test_fsdp2_equals_single_process_and_eval_changes_nothing(
     """
     out, report, _, _ = main_run
     single = _cfg(tmp_path, "single", tiny_llama_dir, small_alpaca, data=DATA, output={"merge": False},
-                  train={**TRAIN, "micro_batch_size": 8, "eval_steps": 0})  # fmt: skip
+                  train={**TRAIN, "micro_batch_size": 8, "eval_steps": 0, "chunked_loss": False})  # fmt: skip
+    # chunked_loss false: FSDP2 takes the loss from the full logits (qlora_dist.loss), so the reference does too;
+    # the chunked loss against full logits differs in the last bits, which AdamW amplifies past atol 1e-6.
     _train(single, cache_dir, "single_gpu.yaml", 1)
     reference = read_report(tmp_path / "single")
     assert (reference["world_size"], reference["strategy"], report["world_size"]) == (1, "single", 2)

@@ -67,7 +67,7 @@ def test_planned_peak_within_15_percent_of_measured(tmp_path, llama8b_dir, demo_
 
 
 def test_paged_adamw_8bit_pages_on_cuda():
-    from qlora_dist.bench_gpu import paged_optimizer_check
+    from benchmarks.gpu import paged_optimizer_check
 
     result = paged_optimizer_check()
     assert result["paged"], "the optimizer state is not a paged (managed-memory) tensor"

@@ -1,4 +1,4 @@
-"""The throughput benchmark harness (``qlora_dist.bench``): it runs end to end and produces its table.
+"""The throughput benchmark harness (``benchmarks.throughput``): it runs end to end and produces its table.
 
 Only the harness is tested, never the speed: ``--quick`` trains a tiny model for a few steps with each recipe.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_dist import bench
+from benchmarks import throughput as bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
     results = tmp_path / "results.json"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-m", "qlora_dist.bench", "--quick", "--work", str(tmp_path), "--json", str(results)],
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--work", str(tmp_path), "--json", str(results)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -81,7 +81,7 @@ def test_markdown_section_replaces_only_its_own_section(tmp_path):
     bench.write_section(path, "## Training throughput\n\nOLD-CONTENT\n")
     assert path.read_text() == "# Benchmarks\n\n## Training throughput\n\nOLD-CONTENT\n"
     path.write_text(path.read_text() + "\n## Merge\n\nmerge numbers\n")
-    section = bench.markdown_section(_result(), "python -m qlora_dist.bench")
+    section = bench.markdown_section(_result(), "python -m benchmarks.throughput")
     bench.write_section(path, section)
     text = path.read_text()
     assert "OLD-CONTENT" not in text and text.count("## Training throughput") == 1
@@ -90,7 +90,7 @@ def test_markdown_section_replaces_only_its_own_section(tmp_path):
 
     # A run at another micro-batch size keeps a section of its own beside the default one.
     other = {**_result(), "setup": {**vars(bench.Setup()), "micro_batch_size": 8}}
-    bench.write_section(path, bench.markdown_section(other, "python -m qlora_dist.bench --micro-batch-size 8"))
+    bench.write_section(path, bench.markdown_section(other, "python -m benchmarks.throughput --micro-batch-size 8"))
     text = path.read_text()
     assert text.count("## Training throughput\n") == 1 and text.count("## Training throughput, 8 rows per process") == 1
     # The CPU note, once, in the default section.

@@ -1,4 +1,4 @@
-"""The GPU check (``qlora_dist.bench_gpu``) runs end to end on a tiny shape on the CPU, so that the day a GPU
+"""The GPU check (``benchmarks.gpu``) runs end to end on a tiny shape on the CPU, so that the day a GPU
 is lent it works the first time. Only the harness is tested here: what it measures needs the GPU."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_dist import bench
+from benchmarks import throughput as bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
-        [sys.executable, "-m", "qlora_dist.bench_gpu", *args],
+        [sys.executable, "-m", "benchmarks.gpu", *args],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
     )  # fmt: skip
 

@@ -18,10 +18,10 @@ from qlora_dist import plan as plan_mod
 from qlora_dist.cli import main
 from qlora_dist.config import from_dict
 from qlora_dist.errors import UserError
+from qlora_dist.loss import token_loss_sum
 from qlora_dist.model import attach_lora, enable_gradient_checkpointing, load_quantized_model
 from qlora_dist.plan import GIB, LaunchPlan, parse_memory, plan_memory, read_launch_config
 from qlora_dist.plugin import QLoRAPlugin
-from qlora_dist.train import token_loss_sum
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch_configs"
@@ -200,14 +200,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_activation_estimate_matches_a_measured_step(wide_models, checkpointing):
+@pytest.mark.parametrize("checkpointing,chunked", [(True, True), (False, True), (True, False)])
+def test_activation_estimate_matches_a_measured_step(wide_models, checkpointing, chunked):
     """Peak memory of one forward + backward over what existed before (weights, adapters, optimizer state),
     measured op by op on CPU in bfloat16 (the GPU's compute dtype), against the planned activations plus
-    gradients: within 15%."""
-    raw = run_config(
-        wide_models["llama"], quant={"compute_dtype": "bfloat16"}, train={"gradient_checkpointing": checkpointing}
-    )
+    gradients: within 15%; with the chunked loss and with the model's full logits."""
+    train = {"gradient_checkpointing": checkpointing, "chunked_loss": chunked}
+    raw = run_config(wide_models["llama"], quant={"compute_dtype": "bfloat16"}, train=train)
     raw["data"]["max_length"] = 256
     config = from_dict(raw).validate()
     base = load_quantized_model(config.model, config.quant, torch.device("cpu"), torch.bfloat16)
@@ -228,7 +227,7 @@ def test_activation_estimate_matches_a_measured_step(wide_models, checkpointing)
             known.update(t.untyped_storage().data_ptr() for t in extra)
     tracker = LiveBytes(known)
     with tracker:
-        token_loss_sum(model, batch).backward()
+        token_loss_sum(model, batch, 0 if chunked else None).backward()
     planned = plan_memory(config, LaunchPlan(), gpus=1, device="cpu").per_gpu_bytes
     predicted = planned["activations"] + planned["gradients"]
     assert 0.85 < predicted / tracker.peak < 1.15, (predicted, tracker.peak)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from qlora_dist import bench_merge
+from benchmarks import merge as bench_merge
 from qlora_dist import merge as merge_mod
 from qlora_dist import model as model_mod
 from qlora_dist.cli import main as cli_main
@@ -281,12 +281,13 @@ def test_a_failed_merge_leaves_no_folder_and_keeps_the_old_one(trained, tmp_path
 
 def test_cli_merge_streams_and_matches_the_training_merge(trained, tmp_path):
     """``qlora-dist merge`` rebuilds the dequantized base from the settings recorded beside the adapter
-    (double quantization off here, bf16 compute) and gives the training run's in-memory merge, bit for bit."""
+    (double quantization off here, bf16 compute) and gives the training run's in-memory merge, bit for bit,
+    in the base checkpoint's own dtype (float32 here) by default."""
     t = trained("qwen2", double_quant=False, compute=BF16)
     out = tmp_path / "merged"
     args = ["merge", "--base", str(t.base_dir), "--adapter", str(t.adapter_dir), "--out", str(out)]
     assert cli_main(args) == 0
-    assert_bit_identical(t.in_memory("dequantized", BF16), folder_tensors(out))
+    assert_bit_identical(t.in_memory("dequantized", F32), folder_tensors(out))
     assert (out / "tokenizer_config.json").is_file() and not (tmp_path / "merged.tmp").exists()
 
     original = tmp_path / "original"
@@ -298,6 +299,31 @@ def test_cli_merge_streams_and_matches_the_training_merge(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "streaming" in proc.stderr
     assert_bit_identical(t.in_memory("original", F32), folder_tensors(original))
+
+
+def test_merge_dtype_defaults_to_the_base_checkpoints_own(trained, tmp_path, tiny_llama_dir):
+    """A bfloat16 base trained with float32 compute (the CPU's) merges to bfloat16, the size of the base, both
+    from ``qlora-dist merge`` and from a run's ``merge_dtype: auto``; an explicit ``--dtype`` still wins."""
+    t = trained("sharded", compute=F32)
+    assert merge_mod.checkpoint_dtype(str(t.base_dir)) == BF16
+    assert merge_mod.checkpoint_dtype(str(tiny_llama_dir)) == F32
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--base", str(t.base_dir), "--adapter", str(t.adapter_dir), "--out", str(out)]) == 0
+    tensors = folder_tensors(out)
+    assert {v.dtype for v in tensors.values()} == {BF16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    base_bytes = sum(f.stat().st_size for f in t.base_dir.glob("*.safetensors"))
+    assert abs(sum(f.stat().st_size for f in out.glob("*.safetensors")) - base_bytes) < 0.01 * base_bytes
+    assert_bit_identical(t.in_memory("dequantized", BF16), tensors)
+
+    from qlora_dist.config import from_dict
+    from qlora_dist.plugin import QLoRAPlugin
+
+    raw = {"model": {"name_or_path": str(t.base_dir)}, "data": {"path": str(tmp_path / "unused.jsonl")}}
+    plugin = QLoRAPlugin(from_dict(raw))
+    assert plugin._merge_dtype(CPU) == BF16
+    plugin.config.output.merge_dtype = "float32"
+    assert plugin._merge_dtype(CPU) == F32
 
 
 def test_cli_merge_missing_adapter_exits_2(tiny_llama_dir, tmp_path, capsys):
@@ -326,7 +352,7 @@ def test_cli_merge_names_the_flag_of_a_bad_base_or_out(tiny_llama_dir, tmp_path,
 
 
 def test_benchmark_small_measures_memory_and_writes_its_section(tmp_path):
-    """``python -m qlora_dist.bench_merge --small``, end to end: a 42 MB bfloat16 Llama in 4 MB shards, each method
+    """``python -m benchmarks.merge --small``, end to end: a 42 MB bfloat16 Llama in 4 MB shards, each method
     in a fresh process (peak RSS reset after imports and a warm-up merge). Streaming stays under the largest shard
     + the adapter + a fixed margin; the in-memory path needs more than the whole model; the outputs are equal."""
     md, raw = tmp_path / "BENCHMARKS.md", tmp_path / "merge.json"

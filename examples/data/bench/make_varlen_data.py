@@ -2,7 +2,7 @@
 
 Run ``python examples/data/bench/make_varlen_data.py``; it rewrites the file byte for byte the same every time.
 
-The throughput benchmark (``qlora_dist.bench``) trains on it. What matters there is the length distribution, not
+The throughput benchmark (``benchmarks.throughput``) trains on it. What matters there is the length distribution, not
 the text: real instruction sets (Alpaca, Dolly, OpenAssistant) are right-skewed, many short examples and a long
 tail, so a batch padded to its longest member wastes a large share of its tokens. Each row's total length in
 words is drawn from a log-normal (median 140 words, sigma 0.5) clipped to [62, 460] words; with the benchmark's

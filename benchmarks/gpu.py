@@ -1,8 +1,8 @@
-"""The GPU check: one script for the day a GPU is lent (``make bench-gpu``, ``python -m qlora_dist.bench_gpu``).
+"""The GPU check: one script for the day a GPU is lent (``make bench-gpu``, ``python -m benchmarks.gpu``).
 
 On one GPU, on a Llama-3-8B-shaped model built from a config with random bfloat16 weights, in one invocation:
 
-- the throughput benchmark of :mod:`qlora_dist.bench` with one process: (a) the reference ``Trainer`` + peft +
+- the throughput benchmark of :mod:`benchmarks.throughput` with one process: (a) the reference ``Trainer`` + peft +
   bitsandbytes recipe, (b) qlora_dist, (c) qlora_dist with packing; time per step and non-pad tokens/s;
 - model FLOPs utilisation: ``4 x N x non-pad tokens/s`` (``N``: parameters outside the input embedding; a
   frozen base costs a forward and the backward to the activations, no weight gradients) against the device's
@@ -34,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .bench import LABELS, QUICK, Setup, format_table, run_bench, write_section
+from benchmarks.throughput import LABELS, QUICK, Setup, format_table, run_bench, write_section
 
 SECTION = "## GPU check"
 
@@ -64,7 +64,7 @@ PLANNER_TOLERANCE = 0.15
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_dist.bench_gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny shape (runs on a CPU too): a smoke run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-dist-bench-gpu"), help="models and runs")
     parser.add_argument("--markdown", type=Path, default=None, help="write the '## GPU check' section here")
@@ -201,8 +201,8 @@ def planner_check(work: Path) -> dict[str, Any]:
     """Planned ``peak_allocated_bytes`` against the measured peak of each qlora_dist run of the first repeat."""
     import torch
 
-    from .config import load_config
-    from .plan import plan_memory
+    from qlora_dist.config import load_config
+    from qlora_dist.plan import plan_memory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
@@ -230,8 +230,8 @@ def model_flops_utilisation(summary: dict[str, dict], work: Path, peak_flops: fl
     """``4 x N x non-pad tokens/s / matmul rate`` per recipe, ``N`` the parameters outside the input embedding."""
     from transformers import AutoConfig
 
-    from .config import load_config
-    from .plan import model_layout
+    from qlora_dist.config import load_config
+    from qlora_dist.plan import model_layout
 
     model_dir = load_config(work / "runs" / "r0-qlora_dist" / "run.yaml").model.name_or_path
     layout = model_layout(model_dir)
@@ -245,7 +245,7 @@ def format_report(result: dict[str, Any]) -> str:
     setup = Setup(**result["setup"])
     env = result.get("environment", {})
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m qlora_dist.bench_gpu` "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m benchmarks.gpu` "
         f"(about {result.get('wall_s', 0) / 60:.0f} minutes) on {env.get('device', '?')}; torch {env.get('torch')} "
         f"(CUDA {env.get('cuda')}), transformers {env.get('transformers')}, peft {env.get('peft')}, "
         f"bitsandbytes {env.get('bitsandbytes')}, accelerate {env.get('accelerate')}.",

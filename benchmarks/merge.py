@@ -3,8 +3,8 @@ in memory (the in-memory path), on the same synthetic model, in one invocation.
 
 ::
 
-    python -m qlora_dist.bench_merge            # ~1.1B-parameter Llama shape in bf16; writes BENCHMARKS.md "## Merge"
-    python -m qlora_dist.bench_merge --small    # a few million parameters, seconds; prints the table only
+    python -m benchmarks.merge            # ~1.1B-parameter Llama shape in bf16; writes BENCHMARKS.md "## Merge"
+    python -m benchmarks.merge --small    # a few million parameters, seconds; prints the table only
 
 The base is built from a config with random weights (no download) and written straight to safetensors shards
 of about ``--shard-gb`` GB; the adapter is random LoRA (non-zero B) on every linear layer the training run
@@ -20,7 +20,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import child_env, machine, write_section
 
 METHODS = ("streaming", "in-memory")
 SECTION = "## Merge"
@@ -74,7 +75,7 @@ def build_base(folder: Path, shape: Shape, dtype: torch.dtype, shard_bytes: int,
     (one tensor at a time: the model is never in memory). Reuses ``folder`` when it already holds this one."""
     from transformers import AutoModelForCausalLM
 
-    from .merge import SAFE_INDEX, _write_safetensors
+    from qlora_dist.merge import SAFE_INDEX, _write_safetensors
 
     stamp = {"shape": dataclasses.asdict(shape), "dtype": str(dtype), "shard_bytes": shard_bytes, "seed": seed}
     marker = folder / "bench_base.json"
@@ -131,7 +132,7 @@ def build_adapter(folder: Path, base: Path, r: int, alpha: int, compute_dtype: t
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from .merge import QUANT_META, NF4Rebuild, _read_header, quantized_weights_of_config
+    from qlora_dist.merge import QUANT_META, NF4Rebuild, _read_header, quantized_weights_of_config
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -190,7 +191,7 @@ def measure(
     first, so that lazily imported code and one-time buffers do not count against the measured merge."""
     import logging
 
-    from .merge import merge_command
+    from qlora_dist.merge import merge_command
 
     logging.getLogger("qlora_dist").setLevel(logging.WARNING)
     import bitsandbytes  # noqa: F401  (imports are not the merge's memory: load them before the baseline)
@@ -232,11 +233,11 @@ def run_worker(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process (so neither method inherits the other's memory)."""
-    cmd = [sys.executable, "-m", "qlora_dist.bench_merge", "--worker", method, "--base", str(base)]
+    cmd = [sys.executable, "-m", "benchmarks.merge", "--worker", method, "--base", str(base)]
     cmd += ["--adapter", str(adapter), "--out", str(out), "--merge-base", merge_base, "--dtype", dtype]
     if warmup is not None:
         cmd += ["--warmup", str(warmup[0]), str(warmup[1])]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    env = child_env(TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -268,30 +269,6 @@ def identical(a: Path, b: Path) -> bool:
     return True
 
 
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
-
-
-def versions() -> str:
-    import bitsandbytes
-    import peft
-    import transformers
-
-    return (
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bitsandbytes.__version__}"
-    )
-
-
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -314,7 +291,7 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
     ratio_peak = m["peak_rss_bytes"] / s["peak_rss_bytes"]
     above = (s["peak_above_baseline_bytes"], m["peak_above_baseline_bytes"])
     ratio_above = f"**{above[1] / above[0]:.1f}x**" if all(above) else "n/a"
-    command = "python -m qlora_dist.bench_merge" + (" --small" if args.small else "")
+    command = "python -m benchmarks.merge" + (" --small" if args.small else "")
     command += f" --repeats {args.repeats}" if args.repeats else ""
     shape = base_info["stamp"]["shape"]
     repeats = len(results["streaming"])
@@ -331,7 +308,7 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
         " model with the same method).",
         "",
         f"- Command: `{command}` (one invocation builds the inputs, runs both, compares, writes this section)",
-        f"- Machine: {machine()}; {versions()}",
+        f"- Machine: {machine()}",
         f"- Model: Llama-shaped, built from a config with random weights: hidden {shape['hidden']}, intermediate "
         f"{shape['intermediate']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} KV heads,"
         f" vocab {shape['vocab']}: {base_info['params'] / 1e9:.3f}B parameters, {_gb(base_info['bytes'])} in "
@@ -371,22 +348,11 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Merge`` section of ``path``, leaving every other section as it is."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 # -- the command --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qlora_dist.bench_merge", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a small model, for a quick check (prints only)")
     p.add_argument("--workdir", type=Path, default=None, help="where inputs and outputs go (default: a tmp dir)")
     p.add_argument("--output", type=Path, default=None, help="markdown file to write (default: BENCHMARKS.md)")
@@ -413,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dtype == "auto":
         p.error("--dtype auto is for the workers: give the benchmark a concrete dtype")
-    from .cli import setup_logging
+    from qlora_dist.cli import setup_logging
 
     setup_logging()
     load = os.getloadavg()

@@ -1,6 +1,6 @@
 """Training throughput benchmark: the reference QLoRA recipe against qlora_dist, without and with packing.
 
-``python -m qlora_dist.bench`` (``make bench``) runs, in one invocation, on the same model, data, global batch,
+``python -m benchmarks.throughput`` (``make bench``) runs, in one invocation, on the same model, data, global batch,
 number of optimizer steps and number of processes, each as real processes through ``accelerate launch``:
 
 - (a) the reference recipe, as the transformers/peft/bitsandbytes documentation describes it: ``Trainer`` with
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from benchmarks.common import child_env, machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "examples" / "data" / "bench" / "alpaca_varlen.jsonl"
@@ -149,7 +150,7 @@ def prepare_assets(setup: Setup, work: Path, data: Path) -> dict[str, Path]:
     """The tokenizer + model folder (built once per shape, reused) and the data file the runs train on."""
     import torch
 
-    from .tiny import build_tiny_model, train_tokenizer
+    from qlora_dist.tiny import build_tiny_model, train_tokenizer
 
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     if setup.rows:
@@ -203,6 +204,9 @@ def qlora_config(
             "max_length": setup.max_length,
             "packing": packing,
             "group_by_length": grouped,
+            # The reference Trainer takes fixed-size micro-batches in (b)'s order; the token-balanced split
+            # would hand (b) different ones (benchmarks/memory.py measures it against the count split).
+            "balance_tokens": False,
             "eval_fraction": 0.0,
         },
         "train": {
@@ -239,7 +243,7 @@ def reference_config(setup: Setup, assets: dict[str, Path], out: Path, seed: int
 
 def launch(setup: Setup, args: list[str], env: dict[str, str], log_file: Path) -> None:
     """``accelerate launch`` ``args`` on ``setup.processes`` processes (the demo's flags); raise with the log tail."""
-    from .demo import free_port, launch_command
+    from qlora_dist.demo import free_port, launch_command
 
     cmd = launch_command(setup.processes, free_port()) + args
     with log_file.open("w") as log:
@@ -251,7 +255,7 @@ def launch(setup: Setup, args: list[str], env: dict[str, str], log_file: Path) -
 
 def launch_env(setup: Setup, work: Path) -> dict[str, str]:
     """The same environment for every launch: the cores split evenly over the processes, nothing online."""
-    env = dict(os.environ)
+    env = child_env()
     threads = setup.threads or max(1, (os.cpu_count() or 1) // setup.processes)
     env.update(
         QLORA_DIST_CACHE=str(work / "cache"),
@@ -282,7 +286,7 @@ def run_reference(
     cfg["order"] = plan["trainer_order"]
     cfg_path = run_dir / "reference.json"
     cfg_path.write_text(json.dumps(cfg))
-    launch(setup, ["-m", "qlora_dist.bench", "_reference_worker", str(cfg_path)], env, run_dir / "log.txt")
+    launch(setup, ["-m", "benchmarks.throughput", "_reference_worker", str(cfg_path)], env, run_dir / "log.txt")
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(setup.processes)]
     _check_world(ranks, setup.processes, "reference")
     real = [sum(r["real_tokens"][s] for r in ranks) for s in range(setup.steps)]
@@ -328,10 +332,10 @@ def replay(cfg_path: Path, setup: Setup, cache_dir: Path) -> dict[str, list[int]
     deals batch ``i`` to rank ``i % world``, each rank taking ``grad_accum`` of them per step; so micro-batch ``m``
     of rank ``r`` at step ``s`` goes to batch ``(s * grad_accum + m) * world + r``.
     """
-    from .config import load_config
-    from .data import prepare_datasets
-    from .plugin import QLoRAPlugin
-    from .train import real_token_count
+    from qlora_dist.config import load_config
+    from qlora_dist.data import prepare_datasets
+    from qlora_dist.loss import real_token_count
+    from qlora_dist.plugin import QLoRAPlugin
 
     plugin = QLoRAPlugin(load_config(cfg_path))
     tokenizer = plugin.load_tokenizer()
@@ -406,9 +410,9 @@ def reference_worker(cfg_path: Path) -> None:
         TrainingArguments,
     )
 
-    from .data import tokenize_example
-    from .distributed import GradSyncCounter, peak_memory_bytes
-    from .model import count_params
+    from qlora_dist.data import tokenize_example
+    from qlora_dist.distributed import GradSyncCounter, peak_memory_bytes
+    from qlora_dist.model import count_params
 
     cfg = json.loads(cfg_path.read_text())
     out = Path(cfg["out"])
@@ -656,31 +660,6 @@ def _render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
-def machine() -> str:
-    """CPU model, cores, memory and library versions, in one line."""
-    import accelerate
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bitsandbytes.__version__}, accelerate {accelerate.__version__}"
-    )
-
-
 CPU_PROFILE_NOTE = """\
 ### Reading these numbers (CPU)
 
@@ -794,22 +773,6 @@ def section_title(setup: Setup) -> str:
     return f"{SECTION}, {setup.micro_batch_size} rows per process"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or add) the section of ``path`` whose title is ``section``'s first line, leaving every other
-    section alone."""
-    title = section.splitlines()[0].strip()
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + "\n" + section.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else "")
-    path.write_text(new, encoding="utf-8")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -819,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_reference_worker"]:
         reference_worker(Path(argv[1]))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m qlora_dist.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 process, 1 repeat: a smoke run")
     parser.add_argument("--repeats", type=int, help="repeats of the three recipes")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (the first is not timed)")
@@ -845,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     if setup.steps < 2 or setup.repeats < 1 or setup.processes < 1 or setup.micro_batch_size < 1:
         parser.error("need --steps >= 2 (the first is not timed), --repeats, --processes, --micro-batch-size >= 1")
     result = run_bench(setup, args.work, args.data)
-    command = "python -m qlora_dist.bench " + " ".join(argv)
+    command = "python -m benchmarks.throughput " + " ".join(argv)
     print()
     print(
         f"qlora_dist bench: {setup.processes} process(es), global batch {setup.global_batch}, {setup.steps} steps "

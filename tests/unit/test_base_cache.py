@@ -1,0 +1,136 @@
+"""Quantize once per machine (qlora_dist.base_cache): the cached packed NF4 base is the base quantized on load,
+byte for byte, and a changed base or changed quant settings build a new one.
+
+One process here (the cache's barrier is a no-op); the 2-rank use (rank 0 builds, rank 1 loads) is checked in
+tests/distributed/test_ddp.py through the run report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+import torch
+
+from qlora_dist import base_cache
+from qlora_dist import model as model_mod
+from qlora_dist.config import ModelConfig, QuantConfig
+from qlora_dist.loss import token_loss_sum
+
+CPU = torch.device("cpu")
+
+
+def loader(quant: QuantConfig, compute=torch.float32):
+    def load(path: str):
+        return model_mod.load_quantized_model(ModelConfig(name_or_path=path), quant, CPU, compute)
+
+    return load
+
+
+def cached(model_dir, root, quant=None, compute=torch.float32):
+    quant = quant or QuantConfig()
+    return base_cache.load_base(loader(quant, compute), str(model_dir), model_dir, quant, compute, CPU, root, True,
+                                lambda: None)  # fmt: skip
+
+
+@pytest.fixture
+def base_dir(tmp_path, tiny_llama_dir):
+    """A private copy of the tiny Llama (the test rewrites its files)."""
+    return shutil.copytree(tiny_llama_dir, tmp_path / "base")
+
+
+def test_cache_is_bit_identical_to_quantizing_on_load(base_dir, tmp_path, tiny_tokenizer):
+    root = tmp_path / "cache"
+    quant = QuantConfig(storage_dtype="uint8")
+    direct = loader(quant)(str(base_dir))
+    built, first = cached(base_dir, root, quant)
+    loaded, second = cached(base_dir, root, quant)
+    assert (first.source, second.source) == ("built", "cache") and first.cache_dir == second.cache_dir
+    folders = list(root.iterdir())
+    assert len(folders) == 1 and (folders[0] / base_cache.COMPLETE).is_file()  # no temporary folder left
+    assert second.file_bytes == sum(f.stat().st_size for f in folders[0].glob("*.safetensors")) > 0
+    assert second.seconds > 0 and (second.disk_read_bytes is None or second.disk_read_bytes >= 0)
+
+    checksum = model_mod.base_checksum(direct)
+    assert model_mod.base_checksum(built) == checksum == model_mod.base_checksum(loaded)
+    # The cache folder holds 4-bit layers, not a dequantized copy.
+    import bitsandbytes as bnb
+
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in direct.modules())
+    assert n4 > 0 and sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules()) == n4
+    # It stands for the base checkpoint (what a saved adapter records), not the cache folder.
+    assert loaded.name_or_path == str(base_dir)
+    # Same training: LoRA on either base gives the same loss and gradients.
+    from qlora_dist.config import LoraConfig
+
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    results = []
+    for base in (direct, loaded):
+        torch.manual_seed(0)
+        peft_model = model_mod.attach_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        value = token_loss_sum(peft_model, batch)
+        value.backward()
+        results.append((value.detach(), [p.grad for p in peft_model.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_changed_settings_or_base_build_a_new_cache(base_dir, tmp_path):
+    root = tmp_path / "cache"
+    _, a = cached(base_dir, root)
+    _, same = cached(base_dir, root)
+    _, other_quant = cached(base_dir, root, QuantConfig(double_quant=False))
+    _, other_compute = cached(base_dir, root, compute=torch.bfloat16)
+    assert same.source == "cache" and same.cache_dir == a.cache_dir
+    assert other_quant.source == other_compute.source == "built"
+    assert len({a.cache_dir, other_quant.cache_dir, other_compute.cache_dir}) == 3
+
+    # A new checkpoint in the same folder (here: the same bytes, rewritten; real ones differ in content too).
+    weights = base_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data)
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    model, rebuilt = cached(base_dir, root)
+    assert rebuilt.source == "built" and rebuilt.cache_dir != a.cache_dir
+
+
+def test_an_unfinished_cache_folder_is_rebuilt(base_dir, tmp_path):
+    root = tmp_path / "cache"
+    _, a = cached(base_dir, root)
+    (root / os.path.basename(a.cache_dir) / base_cache.COMPLETE).unlink()  # as if the build had crashed
+    _, again = cached(base_dir, root)
+    assert again.source == "built" and again.cache_dir == a.cache_dir
+
+
+def test_no_cache_root_loads_the_checkpoint(base_dir):
+    model, how = cached(base_dir, None)
+    assert how.source == "checkpoint" and how.cache_dir is None
+    assert how.file_bytes == (base_dir / "model.safetensors").stat().st_size
+
+
+def test_quant_settings_are_in_the_key(base_dir):
+    keys = {
+        base_cache.cache_key(base_dir, q, c, CPU)
+        for q in (QuantConfig(), QuantConfig(quant_type="fp4"), QuantConfig(storage_dtype="float32"))
+        for c in (torch.float32, torch.bfloat16)
+    }
+    assert len(keys) == 6
+    assert (
+        base_cache.cache_key(base_dir, dataclasses.replace(QuantConfig(), cache_dir="/x"), torch.float32, CPU) in keys
+    )
+
+
+def test_an_unwritable_cache_folder_only_costs_the_quantization(base_dir, tmp_path):
+    root = tmp_path / "not_a_folder"
+    root.write_text("a file where the cache folder should be")  # writing under it fails (OSError), even as root
+    model, how = cached(base_dir, root)
+    assert how.source == "checkpoint" and how.cache_dir is None and root.is_file()
+    assert model_mod.base_checksum(model) == model_mod.base_checksum(loader(QuantConfig())(str(base_dir)))
