@@ -3,7 +3,7 @@
 A checkpoint is the folder ``output.dir/checkpoints/step-N/`` holding:
 
 - ``adapter/``: the LoRA weights (peft format, safetensors), whole even under ZeRO-3;
-- the optimizer state (``optimizer.pt`` for DDP, DeepSpeed's own per-rank shards under ``deepspeed/``),
+- the optimizer state (``optimizer.pt`` for DDP; under ZeRO each rank's share as plain tensors, ``zero/rank-R.pt``),
   the LR scheduler state (``scheduler.pt``);
 - ``rank-R.pt`` per rank: RNG states and the examples that rank consumed in the first epoch;
 - ``state.json``: step, epoch, position in the epoch's order (examples consumed), world size, seed;
@@ -14,8 +14,17 @@ writes the manifest last, and renames the folder into place, so a checkpoint is 
 Older checkpoints are pruned only after the new one is in place. (accelerate's ``save_state`` writes in
 place and prunes first, which is why it is not used here.)
 
+Nothing is deleted on doubt: a checkpoint that does not verify (a file missing, a checksum wrong, a file that
+is not plain tensors) is moved aside to ``checkpoints/unusable/step-N`` with a ``REASON`` file, and when
+checkpoints exist but none verifies the run stops and lists them (``output.overwrite=true`` starts over).
+Only rank 0 decides (``choose``); the other ranks load the checkpoint it names.
+
 The data order is a pure function of (seed, epoch), so a position in it is all a resume needs: no batch is
-replayed. Everything loaded with torch uses ``weights_only=True``; DeepSpeed's shards are read by DeepSpeed.
+replayed. Nothing from a checkpoint is unpickled: the adapter is safetensors, everything torch loads uses
+``weights_only=True`` (tensors and plain containers only), under DeepSpeed too (its own checkpoint files,
+which it loads with ``weights_only=False``, are not used; see ``strategies/deepspeed.py``). The manifest
+proves a file is the one that was written, not who wrote it; ``weights_only`` is what refuses a planted
+pickle.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PREEMPTED = "PREEMPTED"
 DONE = "DONE"
+UNUSABLE = "unusable"
+REASON = "REASON"
+# Files every checkpoint has, whatever the strategy (a manifest listing fewer does not verify).
+REQUIRED = ("state.json", "adapter/adapter_model.safetensors", "scheduler.pt", "rank-0.pt")
 
 
 @dataclass
@@ -107,8 +120,8 @@ def save(
 
     if main:
         _write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a checkpoint of this step from an earlier attempt: kept, not overwritten
+            move_aside(final, "replaced by a newer save of the same step")
         os.replace(tmp, final)
         fsync_dir(root)
         prune(root, keep)
@@ -126,31 +139,98 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resumable(root: Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; corrupt or incomplete ones are reported and skipped."""
-    for path in sorted(_step_dirs(root), key=_step_of, reverse=True):
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoints in ``root``, newest first (not those moved aside)."""
+    return sorted(_step_dirs(root), key=_step_of, reverse=True)
+
+
+def find_resumable(root: Path, move_unusable: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; the unusable ones newer than it are reported (and, with
+    ``move_unusable``, moved aside to ``root/unusable/``: only the one process that decides may do that)."""
+    for path in step_dirs(root):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("checkpoint %s is unusable (%s): trying the one before it", path, problem)
+        where = move_aside(path, problem) if move_unusable else path
+        log.warning("checkpoint %s is unusable (%s): trying the one before it%s", path, problem,
+                    f"; kept as {where}" if move_unusable else "")  # fmt: skip
     return None
 
 
+def choose(root: Path) -> Path | None:
+    """Rank 0's resume decision: the newest checkpoint that verifies, or None when there are none at all.
+
+    Raises a UserError listing them when checkpoints exist and none verifies: starting over would throw away
+    the run's progress on what may be one flipped byte, so it takes ``output.overwrite=true``.
+    """
+    from .errors import UserError
+
+    existing = step_dirs(root)
+    if not existing:
+        return None
+    found = find_resumable(root, move_unusable=True)
+    if found is None:
+        names = ", ".join(p.name for p in existing)
+        raise UserError(
+            f"no checkpoint in {root} verifies ({names}: moved to {root / UNUSABLE}, each with a {REASON} file): "
+            "nothing was deleted; set output.overwrite=true to start over, or restore a good copy there"
+        )
+    return found
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Move checkpoint ``path`` to ``unusable/<name>`` beside it (never over an earlier one), with ``REASON``."""
+    aside = path.parent / UNUSABLE
+    aside.mkdir(exist_ok=True)
+    target, n = aside / path.name, 1
+    while target.exists():
+        n += 1
+        target = aside / f"{path.name}.{n}"
+    os.replace(path, target)
+    (target / REASON).write_text(reason + "\n")
+    fsync_dir(aside)
+    fsync_dir(path.parent)
+    return target
+
+
 def verify(path: Path) -> str | None:
-    """None when every file listed in the manifest is present with its size and sha256; else what is wrong."""
+    """None when the manifest lists every required file and each is present with its size and sha256, and
+    every ``.pt`` file loads as plain tensors; else what is wrong."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the save did not finish"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return "manifest is not valid JSON"
-    for name, entry in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        return "manifest lists no files"
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        return f"manifest does not list {missing[0]}"
+    for name, entry in files.items():
         f = path / name
+        if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
+            return f"manifest entry of {name} has no size and sha256"
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != entry["size"] or _sha256(f) != entry["sha256"]:
             return f"{name} does not match its checksum"
+    for f in sorted(path.rglob("*.pt")):
+        problem = _unsafe(f)
+        if problem:
+            return f"{f.relative_to(path)} {problem}"
+    return None
+
+
+def _unsafe(path: Path) -> str | None:
+    """None when ``path`` loads with ``weights_only=True`` (tensors and plain containers, no code run)."""
+    try:
+        torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (not a zip), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"is not a plain tensor file (refused to unpickle it: {first[:160]})"
     return None
 
 

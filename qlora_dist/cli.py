@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import PeerExit, UserError
 
 log = logging.getLogger("qlora_dist")
 
@@ -30,18 +30,49 @@ def main(argv: list[str] | None = None) -> int:
     if debug:  # workers started by `demo` (or a launcher) inherit it: they keep the libraries' messages too
         os.environ["QLORA_DIST_DEBUG"] = "1"
     setup_logging()
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = "qlora-dist: error" + (f" [rank {rank}]" if rank else "")
     try:
         return int(args.func(args) or 0)
+    except PeerExit:
+        from .preemption import failing
+
+        failing()
+        return 2  # another rank failed and printed why
     except UserError as e:
+        _report_failure()
         if debug:
             raise
-        rank = int(os.environ.get("RANK", "0"))
-        prefix = "qlora-dist: error" + (f" [rank {rank}]" if rank else "")
         print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qlora-dist: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        peer = _peer_failure(e)
+        _report_failure()
+        if peer is None or debug:
+            raise
+        print(f"{prefix}: {peer}", file=sys.stderr)
+        return 1
+
+
+def _report_failure() -> None:
+    from .preemption import failing
+
+    failing()
+    if "torch" in sys.modules:  # only a run that got as far as a process group has peers to tell
+        from .distributed import report_failure
+
+        report_failure()
+
+
+def _peer_failure(error: BaseException) -> str | None:
+    if "torch" not in sys.modules:
+        return None
+    from .distributed import peer_failure
+
+    return peer_failure(error)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +195,13 @@ def cmd_train(args) -> int:
     from .config import load_config
 
     config = load_config(args.config, args.overrides)  # validated before anything heavy loads
+    # One run per output folder (lock.py): a folder that exists is locked at once, so a second run is refused
+    # in a second; a new one is created only once the preflight checks below pass (nothing half-written).
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main and Path(config.output.dir).is_dir():
+        from .lock import acquire
+
+        acquire(Path(config.output.dir))
     _quiet_libraries()
     # The preflight checks, once per machine (the other local ranks would only repeat them). A failure ends
     # this process, and the launcher then stops the others.

@@ -14,7 +14,9 @@ config, kept in ``launch_configs/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -254,7 +256,8 @@ class OutputConfig:
     """dtype of the merged model; ``auto`` is the base checkpoint's own (its config.json ``dtype``), else the
     compute dtype."""
     overwrite: bool = False
-    """Allow writing into an output folder that already holds a finished run (its checkpoints are ignored)."""
+    """Allow writing into an output folder that already holds a finished run, or start over where checkpoints
+    exist (they are then deleted; without it a checkpoint is never deleted on doubt)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept in ``checkpoints/``; older ones are deleted after a new one is in place."""
 
@@ -428,14 +431,17 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} is not a number")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}={value!r} is not a number")
+        if not math.isfinite(number):  # NaN compares false with every bound, so a range check lets it through
+            raise ConfigError(f"{key}={value!r} is not a finite number: give a number such as 1e-4")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

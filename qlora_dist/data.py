@@ -62,6 +62,11 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
 _CACHE_VERSION = 2
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+"""Roles chat templates know; any other (a typo, ``wizard``) would be rendered or dropped by the template
+without a word, depending on the model."""
+
+
 class _RowError(DataError):
     """A problem with one row; :func:`prepare_datasets` prefixes it with the file and line (or row)."""
 
@@ -91,10 +96,40 @@ def load_rows(path: str, cache_dir: Path | None = None) -> datasets.Dataset:
                 f"use one of {', '.join(_FILE_BUILDERS)} or a save_to_disk folder (convert the file, or rename it "
                 "if it already is one of these)"
             )
+        if builder in ("json", "csv"):
+            _check_utf8(p)  # Arrow keeps invalid bytes and fails on reading the row, with a traceback
         rows = _load_file(p, builder, cache_dir)
+        if len(rows) == 1 and builder == "json" and p.suffix.lower() == ".json":
+            _check_not_single_object(p)
     if len(rows) == 0:
         raise DataError(f"{p}: has no rows")
     return rows
+
+
+def _check_utf8(p: Path) -> None:
+    """Refuse a text data file that is not UTF-8, naming the line, the column and the byte."""
+    with p.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{p}, line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; save the "
+                    "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+
+
+def _check_not_single_object(p: Path) -> None:
+    """A ``.json`` file holding one object reads as a data set of one row: almost always a mistake."""
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # one object per line (JSON Lines in a .json file): one row is what it holds
+    if isinstance(value, dict):
+        raise DataError(
+            f"{p}: holds one JSON object, not a list of rows (keys {', '.join(list(value)[:5])}); write the rows "
+            "as a JSON array [{...}, {...}] or one object per line (.jsonl)"
+        )
 
 
 def _resolve_format(rows: datasets.Dataset, fmt: str, path: str | Path):
@@ -412,6 +447,8 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
             raise _RowError(f"messages[{i}] has no 'role' (a string such as system, user or assistant)")
+        if role not in CHAT_ROLES:
+            raise _RowError(f"messages[{i}] has role {role!r}: use one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
             raise _RowError(f"messages[{i}] ({role}) has no string 'content', got {_short(content)}")
         # Keep only role/content: Arrow fills keys that other rows have (e.g. tool_calls) with None, and a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import threading
 import time
@@ -161,6 +162,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every rank (a tensor, not a pickled object); identity for a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=src)
+        return int(t.item())
+    return value
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -168,6 +178,41 @@ def gather_objects(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+_FAILED_KEY = "qlora_dist/failed_rank"
+_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl")
+
+
+def report_failure() -> None:
+    """Tell the other ranks, through the launcher's store, that this one is failing (best effort, no wait)."""
+    try:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.distributed_c10d._get_default_store().set(_FAILED_KEY, str(dist.get_rank()))
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher; the error itself matters more
+        pass
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """For an error a collective raised because another rank is gone: one line saying which rank failed
+    (as far as the store knows); None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    backend_error = getattr(dist, "DistError", ()) or ()
+    text = str(error).lower()
+    if not isinstance(error, backend_error) and not any(w in text for w in _PEER_WORDS):
+        return None
+    failed = None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.check([_FAILED_KEY]):
+            failed = store.get(_FAILED_KEY).decode()
+    except Exception:  # noqa: BLE001 - a store hosted by the failed rank is gone with it
+        pass
+    who = f"rank {failed} failed" if failed is not None else "another rank ended without saying why (killed?)"
+    # gloo prefixes its messages with a source location ("[.../pair.cc:553] Connection closed by peer ...").
+    first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split()))[:120]
+    return f"{who}: this rank stopped too ({first}); see that rank's own error above, or the launcher's log"
 
 
 def leave_process_group(accelerator) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -90,10 +91,12 @@ def run_checks(
     tokenizer_ok = run("tokenizer", lambda: _check_tokenizer(cfg, holder))
     if tokenizer_ok:
         run("data", lambda: _check_data(cfg, holder))
+    output_ok = run("output", lambda: _check_output(cfg))
     if model_ok:
         run("quant", lambda: _check_quant(cfg))
         run("lora", lambda: _check_lora(cfg, holder))
-        run("disk", lambda: _check_disk(cfg, holder))
+        if output_ok:
+            run("disk", lambda: _check_disk(cfg, holder, env))
         run("memory", lambda: _check_memory(config_path, overrides, launch_config, num_processes, env))
     return findings
 
@@ -223,23 +226,90 @@ def _check_lora(cfg: RunConfig, holder: dict) -> str:
     return f"targets {how}{', '.join(targets)} (linear layers: {', '.join(holder['linear_names'])}{extra})"
 
 
-def _check_disk(cfg: RunConfig, holder: dict) -> str | tuple[str, str]:
-    out = Path(cfg.output.dir).resolve()
+def _check_output(cfg: RunConfig) -> str:
+    """``output.dir`` is a folder (or can be one) on a writable filesystem; nothing is created here."""
+    out = Path(cfg.output.dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output.dir={cfg.output.dir} is a file, not a folder: choose another output.dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:  # a real write: root passes every permission check, and /proc or a read-only mount refuse only this
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"output.dir={cfg.output.dir}: {existing} is not writable ({e.strerror}): choose a writable output.dir"
+        ) from None
+    return f"{out} is writable" if out.exists() else f"{out} will be created in {existing}"
+
+
+def _check_disk(cfg: RunConfig, holder: dict, env: Mapping[str, str]) -> str | tuple[str, str]:
+    """Free space against what the run writes: its checkpoints (adapter + optimizer state, ``keep_checkpoints``
+    of them plus the one being written), the final adapter and, with ``output.merge``, the merged model in
+    the dtype it will really have."""
+    out = Path(cfg.output.dir).absolute()
     existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    params = holder["total_params"]
-    merged = params * (4 if cfg.quant.compute_dtype == "float32" else 2) if cfg.output.merge else 0
-    lora_guess = max(params // 100, 1)  # adapters are ~0.1-1% of the base; optimizer state 2x that in fp32
-    checkpoints = cfg.output.keep_checkpoints * lora_guess * 4 * 3
-    need = merged + checkpoints
-    message = (
-        f"{free / 2**30:.1f} GiB free at {existing}; about {need / 2**30:.2f} GiB needed (merged model + checkpoints)"
-    )
+    merge_bytes, merge_dtype = _merged_bytes(cfg, holder["total_params"])
+    ckpt = _checkpoint_bytes(cfg, _lora_params(cfg, holder["meta_model"]), env)
+    kept = cfg.output.keep_checkpoints + 1
+    need = merge_bytes + kept * ckpt + ckpt
+    parts = [f"{kept} checkpoints of {_size(ckpt)}"]
+    if cfg.output.merge:
+        parts.insert(0, f"merged model {_size(merge_bytes)} in {merge_dtype}")
+    message = f"{_size(free)} free at {existing}; about {_size(need)} needed ({', '.join(parts)}, the adapter)"
     if free < need:
-        raise UserError(message + ": free some space, choose another output.dir, or set output.merge=false")
+        fixes = ["free some space", "choose another output.dir"]
+        if cfg.output.keep_checkpoints > 1:
+            fixes.append("lower output.keep_checkpoints")
+        if cfg.output.merge:
+            fixes.append("set output.merge=false (merge later with `qlora-dist merge`)")
+        raise UserError(f"{message}: {', '.join(fixes[:-1])} or {fixes[-1]}")
     if free < 1.2 * need:
         return "warning", message + " (little headroom)"
     return message
+
+
+def _merged_bytes(cfg: RunConfig, params: int) -> tuple[int, str]:
+    """Bytes of the merged model and its dtype, resolved as the merge resolves it on this machine."""
+    import torch
+
+    from .merge import checkpoint_dtype
+
+    name = cfg.output.merge_dtype
+    if name == "auto":  # as the merge resolves it: the base checkpoint's own dtype, else the compute dtype
+        stored = checkpoint_dtype(cfg.model.name_or_path)
+        name = str(stored).removeprefix("torch.") if stored is not None else cfg.quant.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if torch.cuda.is_available() else "float32"
+    return (params * (4 if name == "float32" else 2) if cfg.output.merge else 0), name
+
+
+def _lora_params(cfg: RunConfig, model) -> int:
+    """Adapter parameters: r x (in + out) for every targeted linear layer of the meta model."""
+    from torch import nn
+
+    targets = cfg.lora.target_modules
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        hit = leaf not in ("lm_head", "embed_out", "output") if targets == "all-linear" else leaf in targets
+        if hit:
+            total += cfg.lora.r * (module.in_features + module.out_features)
+    return total
+
+
+def _checkpoint_bytes(cfg: RunConfig, lora_params: int, env: Mapping[str, str]) -> int:
+    """One checkpoint: the fp32 adapter, the optimizer's two moments (1 byte each in 8-bit, else 4), and the
+    fp32 master partitions DeepSpeed keeps; a little for the rest."""
+    moments = 2 if "8bit" in cfg.train.optimizer else 8
+    master = 4 if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else 0
+    return lora_params * (4 + moments + master) + (1 << 20)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _check_memory(config_path, overrides, launch_config, num_processes, env) -> str | tuple[str, str]:

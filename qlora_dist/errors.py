@@ -17,3 +17,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file that is missing, unreadable, or has a row the chosen format cannot use."""
+
+
+class PeerExit(UserError):
+    """This rank stops because another one failed and said why: the CLI exits 2 without a second message."""

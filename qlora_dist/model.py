@@ -57,6 +57,8 @@ def check_model_path(cfg: ModelConfig) -> Path | None:
         if not (p / "config.json").is_file():
             raise UserError(f"model.name_or_path={cfg.name_or_path}: folder has no config.json (is it a model folder?)")
         check_not_prequantized(p / "config.json")
+        check_remote_code(cfg, p / "config.json")
+        check_weight_files(cfg, p)
         return p
     if p.exists():
         raise UserError(f"model.name_or_path={cfg.name_or_path}: expected a model folder, found a file")
@@ -64,6 +66,52 @@ def check_model_path(cfg: ModelConfig) -> Path | None:
     if not looks_like_hub_id:
         raise UserError(f"model.name_or_path={cfg.name_or_path}: no such folder (give a local model folder)")
     return None
+
+
+def check_remote_code(cfg: ModelConfig, config_json: Path) -> None:
+    """A model whose type transformers does not know runs code shipped in its folder (``auto_map``): refuse it
+    in one line, before anything loads, unless ``model.trust_remote_code`` says so."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        raw = json.loads(config_json.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"model.name_or_path={cfg.name_or_path}: {config_json.name} is not valid JSON") from None
+    if cfg.trust_remote_code or not isinstance(raw, dict) or raw.get("model_type") in CONFIG_MAPPING:
+        return
+    if raw.get("auto_map"):
+        raise UserError(
+            f"model.name_or_path={cfg.name_or_path}: model_type {raw.get('model_type')!r} needs the code shipped in "
+            "the folder (auto_map in config.json): set model.trust_remote_code=true if you trust its source"
+        )
+
+
+def check_weight_files(cfg: ModelConfig, folder: Path) -> None:
+    """Every ``*.safetensors`` file in the folder is whole: its header parses and the file is as long as the
+    header says (a truncated download otherwise fails in the middle of loading, with a traceback)."""
+    import json
+    import struct
+
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        problem = None
+        try:
+            with f.open("rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                if header_len > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                problem = f"{size} bytes, the header says {8 + header_len + end}: truncated"
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            problem = f"not a readable safetensors file ({e})"
+        except OSError as e:
+            problem = f"cannot be read ({e.strerror})"
+        if problem:
+            raise UserError(f"model.name_or_path={cfg.name_or_path}: {f.name} is {problem}; download it again")
 
 
 def local_copy_hint(name_or_path: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import attention, base_cache, checkpoint, quiet
+from . import attention, base_cache, checkpoint, lock, preemption, quiet
 from . import data as data_mod
 from . import model as model_mod
 from . import trackers as tracker_mod
@@ -39,16 +39,18 @@ from .callbacks import Callbacks, Event
 from .config import RunConfig, from_dict, load_config
 from .distributed import (
     all_reduce_sum,
+    broadcast_int,
     gather_objects,
     leave_process_group,
     make_accelerator,
     on_cpu,
     peak_memory_bytes,
 )
-from .errors import UserError
+from .errors import PeerExit, UserError
+from .fsutil import disk_errors, replace_dir
 from .merge import QUANT_META, NF4Rebuild, checkpoint_dtype, logits_of, merge_trained
 from .quant import coverage
-from .report import write_json
+from .report import write_json, write_text_atomic
 from .strategies import Strategy, resolve_strategy
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,14 @@ class QLoRAPlugin:
     # -- the pieces ---------------------------------------------------------------------------------------
 
     def make_accelerator(self, **kwargs: Any):
-        """An Accelerator with the right backend (NCCL, or gloo on a CPU-only machine), checked world size."""
+        """An Accelerator with the right backend (NCCL, or gloo on a CPU-only machine), checked world size.
+
+        Rank 0 first takes the output folder's lock (one run per ``output.dir``, see ``lock.py``) and holds it
+        until the process ends; a second run into the same folder is refused here, before anything loads.
+        """
         model_mod.check_model_path(self.config.model)
+        if int(os.environ.get("RANK", "0")) == 0:
+            self._lock = lock.acquire(self.output_dir)
         if not self.config.output.overwrite and (self.output_dir / "run_report.json").exists():
             raise UserError(
                 f"output.dir={self.output_dir} already holds a finished run; "
@@ -380,14 +388,18 @@ class QLoRAPlugin:
             return None
 
         adapter_dir = self.output_dir / "adapter"
-        unwrapped.save_pretrained(adapter_dir, state_dict=adapter_state, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
-        # Record the 4-bit settings the adapter was trained against, so a later `qlora-dist merge` can rebuild
-        # the same dequantized base.
-        write_json(
-            adapter_dir / QUANT_META,
-            {"quant": dataclasses.asdict(self.quant), "compute_dtype": _name(self.compute_dtype)},
-        )
+        # Written whole into adapter.tmp, then renamed: a full disk never leaves a partial adapter/ behind.
+        with disk_errors("the adapter", adapter_dir):
+            tmp = adapter_dir.with_name("adapter.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrapped.save_pretrained(tmp, state_dict=adapter_state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            # Record the 4-bit settings the adapter was trained against, so a later `qlora-dist merge` can
+            # rebuild the same dequantized base.
+            write_json(
+                tmp / QUANT_META, {"quant": dataclasses.asdict(self.quant), "compute_dtype": _name(self.compute_dtype)}
+            )
+            replace_dir(tmp, adapter_dir)
         steps = stats.get("steps") or 0
         # accelerator.prepare instead of plugin.prepare: the counters never saw the collectives. null, not 0.
         # The counters only saw this launch's steps: a resumed run divides by those, not by every step of the run.
@@ -428,20 +440,23 @@ class QLoRAPlugin:
         report.update({k: v for k, v in stats.items() if k not in ("examples_first_epoch", "indices_first_epoch")})
         report["merge"] = None
         if cfg.output.merge:
-            report["merge"] = merge_trained(
-                adapter_dir,
-                dequantized,
-                cfg.model.name_or_path,
-                self.output_dir / "merged",
-                merge_dtype,
-                tokenizer,
-                check_batches,
-                reference,
-                cfg.model.trust_remote_code,
-                rank=accelerator.process_index,
-                check_device=accelerator.device,
-                reference_dtype=self.compute_dtype,
-            )
+            # A SIGTERM now is noted, not obeyed: rank 0 is alone (the launcher may still SIGKILL it after its
+            # grace period; merged.tmp is all that is then left, and the same command merges again).
+            with preemption.phase(preemption.MERGE), disk_errors("the merged model", self.output_dir / "merged"):
+                report["merge"] = merge_trained(
+                    adapter_dir,
+                    dequantized,
+                    cfg.model.name_or_path,
+                    self.output_dir / "merged",
+                    merge_dtype,
+                    tokenizer,
+                    check_batches,
+                    reference,
+                    cfg.model.trust_remote_code,
+                    rank=accelerator.process_index,
+                    check_device=accelerator.device,
+                    reference_dtype=self.compute_dtype,
+                )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)
         checkpoint.write_marker(self.output_dir, checkpoint.DONE, {"step": steps})
@@ -479,35 +494,66 @@ class QLoRAPlugin:
 
     def write_resolved_config(self, accelerator, fresh: bool = True) -> None:
         """Rank 0 writes the resolved config (every default filled in) into the output folder. A fresh start
-        also clears what an earlier run left there (markers, checkpoints: only reached with overwrite)."""
+        clears the markers; with ``output.overwrite=true`` it also removes the earlier run's checkpoints (the
+        only way they are ever deleted but for pruning past ``keep_checkpoints``); ``unusable/`` is kept."""
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if fresh:
                 checkpoint.clear_markers(self.output_dir)
-                shutil.rmtree(checkpoint.checkpoints_dir(self.output_dir), ignore_errors=True)
+                root = checkpoint.checkpoints_dir(self.output_dir)
+                old = checkpoint.step_dirs(root) if self.config.output.overwrite else []
+                if old:
+                    log.warning("output.overwrite=true: starting over, deleting %s", ", ".join(p.name for p in old))
+                for leftover in [*old, *root.glob(".tmp-step-*")]:
+                    shutil.rmtree(leftover, ignore_errors=True)
             else:
                 (self.output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
-            (self.output_dir / "config.yaml").write_text(self.config.to_yaml())
+            with disk_errors("the resolved config", self.output_dir / "config.yaml"):
+                write_text_atomic(self.output_dir / "config.yaml", self.config.to_yaml())
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
-    def find_checkpoint(self) -> Path | None:
+    def find_checkpoint(self, accelerator=None) -> Path | None:
         """The checkpoint to resume from (``train.resume: auto``), or None to start over.
 
-        Every rank reads the same folder and so reaches the same answer.
+        Rank 0 alone decides (it verifies the checkpoints and moves unusable ones aside) and broadcasts its
+        choice, so every rank loads exactly the one rank 0 picked, even while the folder changes. Without an
+        ``accelerator`` (a single process) this process decides. Raises a UserError when checkpoints exist and
+        none verifies, or with ``train.resume=never`` and checkpoints present, unless ``output.overwrite``.
         """
+        main = accelerator is None or accelerator.is_main_process
+        choice, error = -1, None
+        if main:
+            try:
+                found = self._choose_checkpoint()
+                choice = -1 if found is None else int(found.name[5:])
+            except UserError as e:
+                choice, error = -2, e
+        if accelerator is not None:
+            choice = broadcast_int(choice, accelerator.device)
+        if error is not None:
+            raise error
+        if choice == -2:  # rank 0 refused and says why; the others leave quietly
+            raise PeerExit("rank 0 refused the checkpoints")
+        return None if choice < 0 else checkpoint.checkpoints_dir(self.output_dir) / f"step-{choice}"
+
+    def _choose_checkpoint(self) -> Path | None:
         root = checkpoint.checkpoints_dir(self.output_dir)
-        has_any = root.is_dir() and any(root.glob("step-*"))
-        if not has_any or self.config.output.overwrite:
+        if not checkpoint.step_dirs(root) or self.config.output.overwrite:
             return None
         if self.config.train.resume == "never":
             raise UserError(
                 f"train.resume=never but {root} holds checkpoints: set output.overwrite=true to start over "
                 "there, or choose another output.dir"
             )
-        found = checkpoint.find_resumable(root)
-        if found is None:
-            log.warning("no complete checkpoint in %s: starting from the beginning", root)
+        found = checkpoint.choose(root)
+        saved_world, world = checkpoint.read_state(found).world_size, int(os.environ.get("WORLD_SIZE", "1"))
+        if self.strategy.name.startswith("zero") and saved_world != world:
+            # Each rank's optimizer share is its own partition: refused here, before anything loads.
+            raise UserError(
+                f"checkpoint {found} was written by {saved_world} DeepSpeed ranks and cannot be resumed on {world}: "
+                f"relaunch with --num_processes {saved_world}, or set output.overwrite=true to start over"
+            )
         return found
 
     def resume(self, path: Path, accelerator, model, optimizer, scheduler):
@@ -531,18 +577,20 @@ class QLoRAPlugin:
     def save_checkpoint(self, accelerator, model, optimizer, scheduler, state) -> Path:
         """A complete checkpoint of the run at this optimizer step (every rank calls this)."""
         unwrapped = accelerator.unwrap_model(model)
-        path = checkpoint.save(
-            checkpoint.checkpoints_dir(self.output_dir),
-            state,
-            accelerator=accelerator,
-            strategy=self.strategy,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            adapter_state=self._adapter_state(unwrapped, keep=accelerator.is_main_process),
-            config_yaml=self.config.to_yaml(),
-            keep=self.config.output.keep_checkpoints,
-        )
+        root = checkpoint.checkpoints_dir(self.output_dir)
+        with disk_errors(f"the checkpoint of step {state.step}", root):
+            path = checkpoint.save(
+                root,
+                state,
+                accelerator=accelerator,
+                strategy=self.strategy,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                adapter_state=self._adapter_state(unwrapped, keep=accelerator.is_main_process),
+                config_yaml=self.config.to_yaml(),
+                keep=self.config.output.keep_checkpoints,
+            )
         self.callbacks.fire(self._event("on_checkpoint_saved", accelerator, state.step, path=path))
         return path
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .fsutil import disk_errors, is_disk_full
+
 log = logging.getLogger(__name__)
 
 
@@ -39,10 +41,17 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.enabled:
-            with self.path.open("a") as f:
+            with disk_errors("metrics", self.path), self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.sink is not None:
             self.sink(row)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (a reader sees old or new, whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -74,7 +83,17 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        # A picture of metrics.jsonl is not worth failing a run for; a full disk then fails the adapter save
+        # right after, with its own one-line error.
+        log.warning("could not write %s (disk full): the numbers are in metrics.jsonl", path)
+        tmp.unlink(missing_ok=True)
+        return False
+    finally:
+        plt.close(fig)
     return True

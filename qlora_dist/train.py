@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, preemption
 from .checkpoint import TrainState
 from .config import RunConfig
 from .data import collate
@@ -34,18 +34,21 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     A run stopped by SIGTERM/SIGUSR1/SIGINT saves a checkpoint, leaves a ``PREEMPTED`` marker and returns
     None; the same command on the same output folder then continues where it stopped.
     """
-    stop = StopSignal.install()  # first: a signal during loading must not kill the process half-way
+    # Until the loop starts a signal ends the process at once (a launcher stopping us after a peer failed must
+    # not wait); during the loop it means "checkpoint at the next step boundary" (see preemption.py).
+    stop = StopSignal.install()
     plugin = QLoRAPlugin(config)
     t, strategy = plugin.config.train, plugin.strategy
-    accelerator = plugin.make_accelerator()
+    accelerator = plugin.make_accelerator()  # rank 0 holds the output folder's lock from here on
     rank, world = accelerator.process_index, accelerator.num_processes
+    # Decided once, by rank 0, before anything heavy loads: a refused checkpoint set fails in seconds.
+    resume_from = plugin.find_checkpoint(accelerator)
 
     # Data before weights: a bad row should fail in seconds, not after a multi-GB load.
     tokenizer = plugin.load_tokenizer()
     train_data, eval_data = plugin.load_data(accelerator, tokenizer)
     model, tokenizer = plugin.load_model(accelerator, tokenizer)
     pad_id = tokenizer.pad_token_id
-    resume_from = plugin.find_checkpoint()
 
     steps_per_epoch = plugin.steps_per_epoch(len(train_data), world)
     global_batch = t.micro_batch_size * t.grad_accum * world
@@ -75,6 +78,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
 
     loss = eval_loss = None
     model.train()
+    stop.enter(preemption.LOOP)
     start, seconds_before = time.perf_counter(), state.train_seconds
     stopped_by_callback = False
     while not finished(state, t) and not stopped_by_callback:
@@ -124,6 +128,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         else:  # the epoch ran out: the next one starts at the beginning of its own order
             state.epoch, state.epoch_position = state.epoch + 1, 0
     progress.close()
+    stop.enter(preemption.END)  # every file from here on is written whole or not at all: exit promptly
     plugin.save_checkpoint(accelerator, model, optimizer, scheduler, state)
 
     if eval_data is not None:

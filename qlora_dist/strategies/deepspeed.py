@@ -11,6 +11,8 @@ The traps this module handles so the user does not have to:
   tokens of the global batch, so that scaling is switched off (``scale_wrt_gas=False``).
 - ZeRO-Offload refuses client optimizers that are not DeepSpeed's CPU Adam: bitsandbytes optimizers are
   replaced by ``DeepSpeedCPUAdam`` (AdamW mode) under offload, and the log says so once.
+- DeepSpeed's own checkpoints are loaded with ``torch.load(weights_only=False)``: a replaced file would run
+  code on resume. Checkpoints here hold each rank's optimizer share as plain tensors instead (``zero/``).
 """
 
 from __future__ import annotations
@@ -158,9 +160,24 @@ class DeepSpeedStrategy:
         return self.counter.clock.total()
 
     def save_optimizer(self, folder: Path, model, optimizer, main: bool) -> None:
-        # Optimizer state is sharded: every rank writes its own partition, in DeepSpeed's format. The frozen
-        # base is left out (it is the checkpoint on disk already).
-        model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True)
+        # Not the engine's save_checkpoint: DeepSpeed loads its own files with torch.load(weights_only=False),
+        # which runs whatever pickle a replaced file holds. For QLoRA the trainable state is small, so each rank
+        # writes its own share as plain tensors: the wrapped optimizer's state over this rank's flat fp32
+        # partitions, the partitions themselves (the fp32 master weights) and a few counters. The adapter
+        # itself is in adapter/ (safetensors), the frozen base is the model on disk.
+        zero = model.optimizer
+        with self._fp32_param_groups(zero):
+            base = zero.optimizer.state_dict()
+        scaler = {k: v for k, v in vars(getattr(zero, "loss_scaler", object())).items() if _is_number(v)}
+        payload = {
+            "base_optimizer": base,
+            "fp32_partitions": [t.detach().to("cpu").clone() for t in self._fp32_partitions(zero)],
+            "loss_scaler": scaler,
+            "engine": {k: int(getattr(model, k, 0)) for k in _ENGINE_COUNTERS},
+            "world_size": int(model.world_size),
+        }
+        (folder / "zero").mkdir(exist_ok=True)
+        torch.save(payload, folder / "zero" / f"rank-{model.global_rank}.pt")
 
     def load_optimizer(self, folder: Path, model, optimizer) -> None:
         saved_world = json.loads((folder / "state.json").read_text())["world_size"]
@@ -169,14 +186,66 @@ class DeepSpeedStrategy:
                 f"checkpoint {folder} was written by {saved_world} DeepSpeed ranks and cannot be resumed on "
                 f"{model.world_size}: relaunch with --num_processes {saved_world}, or set train.resume=never"
             )
-        model.load_checkpoint(
-            str(folder / "deepspeed"), tag="state", load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
+        payload = torch.load(folder / "zero" / f"rank-{model.global_rank}.pt", weights_only=True, map_location="cpu")
+        zero = model.optimizer
+        with self._fp32_param_groups(zero):
+            zero.optimizer.load_state_dict(payload["base_optimizer"])
+        partitions = self._fp32_partitions(zero)
+        if len(partitions) != len(payload["fp32_partitions"]):
+            raise UserError(f"checkpoint {folder} does not match this model's trainable parameters")
+        for current, saved in zip(partitions, payload["fp32_partitions"], strict=True):
+            current.data.copy_(saved.to(current.device))
+        if self.stage == 3:
+            _push_fp32_to_zero3_params(zero)
+        for k, v in payload["loss_scaler"].items():
+            setattr(zero.loss_scaler, k, v)
+        for k, v in payload["engine"].items():
+            setattr(model, k, v)
 
     def load_adapter(self, model, state: dict[str, torch.Tensor], set_state) -> None:
-        """Nothing to do: DeepSpeed's ``load_checkpoint`` restores the trainable weights with their optimizer
-        partitions (and under ZeRO-3 a direct write would need a gather with a modifier rank)."""
+        """ZeRO-2 holds whole trainable weights on every rank: write them like DDP. Under ZeRO-3 they are
+        partitioned and come back from the fp32 partitions in ``load_optimizer``."""
+        if self.stage != 3:
+            with torch.no_grad():
+                set_state(model, {k: v.to(next(model.parameters()).device) for k, v in state.items()})
+
+    def _fp32_partitions(self, zero) -> list[torch.Tensor]:
+        return zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
+
+    @contextmanager
+    def _fp32_param_groups(self, zero):
+        # ZeRO-3 keeps its wrapped optimizer's param groups empty between steps; they hold the fp32 partitions
+        # only while it steps (and while DeepSpeed itself saves or loads).
+        if self.stage != 3:
+            yield
+            return
+        zero._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            zero._clear_fp32_optimizer_param_groups()
+
+
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, bool))
+
+
+def _push_fp32_to_zero3_params(zero) -> None:
+    """The restored fp32 master partitions into the (compute-dtype) parameter partitions, then whole again
+    where ZeRO-3 keeps small parameters whole on every rank: what DeepSpeed's own rigid load does."""
+    for fp32, flat in zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat, strict=True):
+        if fp32.numel() > 0:
+            flat.data.copy_(fp32.data)
+    for sub_group, flat in enumerate(zero.fp16_partitioned_groups_flat):
+        params = zero.fp16_partitioned_groups[sub_group]
+        for partitioned, updated in zip(params, zero.unflatten(flat, params), strict=True):
+            partitioned.data = updated.data
+    if zero.persistent_parameters:
+        zero.persistent_parameters[0].partition(zero.persistent_parameters)
+    zero.checkpoint_event_epilogue()
 
 
 class DeepSpeedCommCounter:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -106,6 +107,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         ("lora.r=0", "lora.r", "out of range"),
         ("train.optimizer=sgd", "train.optimizer", "adamw"),
         ("quant.double_quant=maybe", "quant.double_quant", "boolean"),
+        ("train.lr=.nan", "train.lr", "not a finite number"),  # NaN passes every range check
+        ("train.max_grad_norm=.inf", "train.max_grad_norm", "not a finite number"),
     ],
 )
 def test_bad_config_value_names_the_key(cli, write_config, override, key, words):
@@ -228,7 +231,13 @@ def launched(cli_env, tmp_path_factory, tiny_llama_dir, demo_data_dir) -> Iterat
             folder.mkdir()
             case = build(folder, inputs)
             started[name] = Launched(case, pool.submit(run, case, folder))
-        yield started
+        try:
+            yield started
+        finally:
+            for launched_case in started.values():
+                launched_case.future.result()
+                if launched_case.info.get("mount"):
+                    subprocess.run(["umount", str(launched_case.info["mount"])], check=False)
 
 
 @heavy
@@ -308,7 +317,7 @@ def test_finished_run_is_not_overwritten(launched):
     run = launched["finished_run"]
     line = error_line(run.result)
     assert str(run.out) in line and "output.overwrite" in line
-    assert [p.name for p in run.out.iterdir()] == ["run_report.json"]
+    assert sorted(p.name for p in run.out.iterdir()) == [".qlora-dist.lock", "run_report.json"]  # the lock only
 
 
 @heavy
@@ -324,6 +333,211 @@ def test_merge_refuses_a_non_empty_out_folder(launched):
     line = error_line(run.result)
     assert str(run.out) in line and "--out" in line
     assert [p.name for p in run.out.iterdir()] == ["keep.txt"]
+
+
+# -- hardened runs: every fixable problem one line, before the weights load where it can be ------------------
+
+
+def _model_copy(d: Path, inputs: Inputs) -> Path:
+    model = d / "model"
+    shutil.copytree(inputs.model_dir, model)
+    return model
+
+
+@heavy
+def non_utf8_data(d: Path, inputs: Inputs) -> Case:
+    data = d / "rows.jsonl"
+    data.write_bytes(b'{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": "caf\xe9", "output": "Yes."}\n')
+    config, out = make_config(d, inputs.model_dir, data)
+    return Case(["train", str(config)], out, {"data": data})
+
+
+def test_non_utf8_data_names_the_line_and_byte(launched):
+    run = launched["non_utf8_data"]
+    line = error_line(run.result)
+    assert f"{run.info['data']}, line 2" in line and "0xe9" in line and "UTF-8" in line
+    assert not run.out.exists()
+
+
+@heavy
+def single_json_object(d: Path, inputs: Inputs) -> Case:
+    data = d / "rows.json"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}))
+    config, out = make_config(d, inputs.model_dir, data)
+    return Case(["train", str(config)], out, {"data": data})
+
+
+def test_json_file_with_one_object_is_refused(launched):
+    line = error_line(launched["single_json_object"].result)
+    assert "one JSON object, not a list of rows" in line
+
+
+@heavy
+def unknown_chat_role(d: Path, inputs: Inputs) -> Case:
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3
+    rows.append({"messages": [{"role": "wizard", "content": "Abracadabra"}, {"role": "assistant", "content": "?"}]})
+    data = write_jsonl(d / "chat.jsonl", rows)
+    config, out = make_config(d, inputs.model_dir, data, data={"format": "chat"})
+    return Case(["train", str(config)], out, {"data": data})
+
+
+def test_unknown_chat_role_is_refused(launched):
+    run = launched["unknown_chat_role"]
+    line = error_line(run.result)
+    assert f"{run.info['data']}, line 4" in line and "'wizard'" in line and "assistant" in line
+
+
+@heavy
+def truncated_weights(d: Path, inputs: Inputs) -> Case:
+    model = _model_copy(d, inputs)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config, out = make_config(d, model, inputs.data_file)
+    return Case(["train", str(config)], out)
+
+
+def test_truncated_weight_file_is_named_before_loading(launched):
+    run = launched["truncated_weights"]
+    line = error_line(run.result)
+    assert "model.safetensors" in line and "truncated" in line and "download it again" in line
+    assert not run.out.exists()
+
+
+@heavy
+def remote_code_model(d: Path, inputs: Inputs) -> Case:
+    model = _model_copy(d, inputs)
+    config_json = json.loads((model / "config.json").read_text())
+    config_json.update(model_type="my_own_llama", auto_map={"AutoConfig": "my_code.MyConfig"})
+    (model / "config.json").write_text(json.dumps(config_json))
+    config, out = make_config(d, model, inputs.data_file)
+    return Case(["train", str(config)], out, {"config": config})
+
+
+def test_model_that_needs_remote_code_is_one_line(launched, cli):
+    run = launched["remote_code_model"]
+    line = error_line(run.result)
+    assert "model.trust_remote_code=true" in line and "auto_map" in line
+    check = cli("check", str(run.info["config"]))
+    assert check.returncode == 1 and "Traceback" not in check.stderr
+    assert "model.trust_remote_code=true" in check.stdout
+
+
+@heavy
+def output_is_a_file(d: Path, inputs: Inputs) -> Case:
+    config, out = make_config(d, inputs.model_dir, inputs.data_file)
+    out.write_text("not a folder")
+    return Case(["train", str(config)], out)
+
+
+def test_output_dir_that_is_a_file(launched):
+    run = launched["output_is_a_file"]
+    line = error_line(run.result)
+    assert str(run.out) in line and "is a file" in line
+    assert run.out.read_text() == "not a folder"
+
+
+@heavy
+def output_unwritable(d: Path, inputs: Inputs) -> Case:
+    config, _ = make_config(d, inputs.model_dir, inputs.data_file, output={"dir": "/proc/qlora-dist-test/out"})
+    return Case(["train", str(config)], Path("/proc/qlora-dist-test/out"))
+
+
+def test_output_dir_on_a_read_only_filesystem(launched):
+    line = error_line(launched["output_unwritable"].result)
+    assert "/proc" in line and "writable output.dir" in line
+    assert "free some space" not in line  # not a disk-space problem
+
+
+@heavy
+def corrupt_checkpoints(d: Path, inputs: Inputs) -> Case:
+    config, out = make_config(d, inputs.model_dir, inputs.data_file)
+    root = out / "checkpoints"
+    for step, manifest in ((2, "{}"), (4, "null"), (6, '{"files": {}}')):
+        ckpt = root / f"step-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": step}))
+        (ckpt / "manifest.json").write_text(manifest)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return Case(["train", str(config)], out, {"files": files})
+
+
+def test_checkpoints_that_do_not_verify_are_kept_and_refused(launched):
+    run = launched["corrupt_checkpoints"]
+    line = error_line(run.result)
+    assert "step-6, step-4, step-2" in line and "output.overwrite=true" in line and "nothing was deleted" in line
+    unusable = run.out / "checkpoints" / "unusable"
+    assert sorted(p.name for p in unusable.iterdir()) == ["step-2", "step-4", "step-6"]
+    assert "manifest lists no files" in (unusable / "step-6" / "REASON").read_text()
+    kept = sorted(str(p.relative_to(unusable)) for p in unusable.rglob("*") if p.is_file() and p.name != "REASON")
+    assert kept == run.info["files"]  # every file still there
+    assert not (run.out / "metrics.jsonl").exists() and not (run.out / "config.yaml").exists()
+
+
+FILL_DISK = """
+from pathlib import Path
+
+
+class FillDisk:
+    \"\"\"Fills the output folder's (small) filesystem once, at step STEP's EVENT.\"\"\"
+
+    def _fill(self, event):
+        with open(Path(event.output_dir) / "filler", "ab") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+
+    def EVENT(self, event):
+        if event.step == STEP:
+            self._fill(event)
+"""
+
+
+def _small_disk(d: Path, inputs: Inputs, event: str, step: int) -> Case:
+    mount = d / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    (d / "fill_disk.py").write_text(FILL_DISK.replace("EVENT", event).replace("STEP", str(step)))
+    config, _ = make_config(
+        d, inputs.model_dir, inputs.data_file, output={"dir": str(mount / "out")},
+        train={"max_steps": 4, "save_steps": 2, "callbacks": ["fill_disk:FillDisk"]},
+    )  # fmt: skip
+    if mounted.returncode != 0:  # not allowed here (no root / no CAP_SYS_ADMIN): the test skips
+        return Case(["validate", str(config)], mount / "out", {"skip": mounted.stderr.decode()[:200]})
+    return Case(["train", str(config)], mount / "out", {"mount": mount})
+
+
+@heavy
+def disk_full_at_checkpoint(d: Path, inputs: Inputs) -> Case:
+    return _small_disk(d, inputs, "on_step_end", 3)
+
+
+@heavy
+def disk_full_at_adapter(d: Path, inputs: Inputs) -> Case:
+    return _small_disk(d, inputs, "on_checkpoint_saved", 4)
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(launched):
+    run = launched["disk_full_at_checkpoint"]
+    if run.info.get("skip"):
+        pytest.skip(f"cannot mount a small tmpfs here: {run.info['skip']}")
+    line = error_line(run.result)
+    assert "no space left on the device writing" in line and "resumes" in line
+    from qlora_dist import checkpoint
+
+    assert [p.name for p in checkpoint.step_dirs(run.out / "checkpoints")] == ["step-2"]
+    assert checkpoint.verify(run.out / "checkpoints" / "step-2") is None
+
+
+def test_full_disk_at_the_adapter_leaves_no_partial_adapter(launched):
+    run = launched["disk_full_at_adapter"]
+    if run.info.get("skip"):
+        pytest.skip(f"cannot mount a small tmpfs here: {run.info['skip']}")
+    line = error_line(run.result)
+    assert "no space left on the device writing the adapter" in line
+    assert not (run.out / "adapter").exists() and not (run.out / "run_report.json").exists()
 
 
 # -- the happy path: one real single-process run -------------------------------------------------------------
