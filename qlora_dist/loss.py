@@ -16,9 +16,10 @@ What the model's head does after its matmul is mirrored exactly (tied embeddings
 Gemma 2/3 final-logit soft-cap; Cohere's ``logit_scale``; Granite's ``logits_scaling``), and checked on every
 call: the one row of logits the model does compute (the last position) must equal ours, or the call raises
 rather than train on a different loss. Under ZeRO-3 the head weight is gathered for the loss (the model's
-forward has already let go of it). A head that is itself trained (its weight requires grad), a model whose
-forward takes no ``logits_to_keep``, or a model under FSDP2's ``fully_shard`` (not supported yet: it crashed)
-falls back to the full logits.
+forward has already let go of it). Under FSDP2 the loss is tied to the model's own (one-row) output, so that
+``fully_shard``'s backward hooks on the root's outputs run. A head that is itself trained (its weight requires
+grad) or a model whose forward takes no ``logits_to_keep`` falls back to the full logits; which path a model
+took is :func:`loss_path` (the run report's ``loss``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
     # extra -100 costs nothing.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     head = HeadSpec.of(model) if chunk_tokens is not None else None
+    if chunk_tokens is None:
+        _record(model, "full logits: train.chunked_loss is false")
     if head is None:
         logits = model(**inputs, use_cache=False).logits
         labels = labels.to(logits.device)
@@ -73,7 +76,43 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
         head.check(hidden[:, -1:], out.logits.detach())
         # Only labelled rows are projected: prompt and padding tokens cost no vocabulary matmul at all.
         selected = hidden.flatten(0, 1).index_select(0, rows)
-        return _ChunkedLoss.apply(selected, labels.index_select(0, rows), head, chunk)
+        loss = _ChunkedLoss.apply(selected, labels.index_select(0, rows), head, chunk)
+    _record(model, CHUNKED)
+    if _fsdp2_managed(model):
+        # FSDP2 runs its root's backward bookkeeping from hooks on the root's outputs; a loss that uses none of
+        # them (ours reads the decoder's hidden states) leaves the root mid-forward, and the backward then
+        # crashed (SIGSEGV, torch 2.13, CPU/gloo). A zero gradient into the one-row logits runs those hooks.
+        loss = _TiedTo.apply(loss, out.logits)
+    return loss
+
+
+CHUNKED = "chunked"
+
+
+def loss_path(model: nn.Module) -> str | None:
+    """How :func:`token_loss_sum` took ``model``'s loss: ``"chunked"``, ``"full logits: <why>"``, or None
+    before its first call (what the run report's ``loss`` says)."""
+    return getattr(model, "_qlora_dist_loss_path", None)
+
+
+def _record(model: nn.Module, path: str) -> None:
+    if loss_path(model) != path:
+        with contextlib.suppress(AttributeError):
+            model._qlora_dist_loss_path = path
+
+
+class _TiedTo(torch.autograd.Function):
+    """``loss`` unchanged, with a zero gradient flowing into ``other`` in backward."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        ctx.other = (other.shape, other.dtype, other.device)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.other
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def auto_chunk_tokens(vocab_size: int) -> int:
@@ -117,10 +156,6 @@ class HeadSpec:
             return _fallback(model, "no plain linear output head")
         if any(p.requires_grad for p in head.parameters()):
             return _fallback(model, "the output head is trained")
-        if _fsdp2_managed(model):
-            # Not yet: reading the root's head outside FSDP2's forward crashed the process (SIGSEGV, torch 2.13
-            # on CPU/gloo); until that is understood the FSDP2 strategy trains on the full logits.
-            return _fallback(model, "FSDP2 (the chunked loss is not supported under fully_shard yet)")
         if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
             return _fallback(model, f"{type(lm).__name__}.forward takes no logits_to_keep")
         config = lm.config
@@ -265,8 +300,7 @@ def _fsdp2_managed(module: nn.Module) -> bool:
 
 
 def _fallback(model: nn.Module, why: str) -> None:
-    if not getattr(model, "_qlora_dist_full_logits_logged", False):
+    if loss_path(model) is None:
         log.info("full-vocabulary logits for the loss: %s", why)
-        with contextlib.suppress(AttributeError):
-            model._qlora_dist_full_logits_logged = True
+    _record(model, f"full logits: {why}")
     return None
