@@ -93,7 +93,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
             state.step += 1
-            state.epoch_position += world * sum(int(b["input_ids"].shape[0]) for b in micro_batches)
+            state.epoch_position += plugin.examples_in_step(train_data, state.epoch_position, world)
             state.initial_loss = loss if state.initial_loss is None else state.initial_loss
             state.tokens += step_tokens
             if state.epoch == 0:
