@@ -417,7 +417,11 @@ def load_adapter(model: nn.Module, adapter_dir: Path):
     if has_nf4_experts(model):
         saved = json.loads((adapter_dir / "adapter_config.json").read_text())
         matrices = [m for m in EXPERT_MATRICES if any(name.endswith(f".{m}") for name in pairs)]
-        cfg = types.SimpleNamespace(target_modules=matrices, r=int(saved["r"]), alpha=saved["lora_alpha"], dropout=0.0)
+        r = int(saved["r"])
+        # rsLoRA (an adapter trained elsewhere) scales by alpha / sqrt(r), as peft and the merge do: an alpha that
+        # gives that scale under LoraExperts' alpha / r.
+        alpha = saved["lora_alpha"] * (math.sqrt(r) if saved.get("use_rslora") else 1.0)
+        cfg = types.SimpleNamespace(target_modules=matrices, r=r, alpha=alpha, dropout=0.0)
         attach_expert_lora(peft_model, cfg)
         result = set_peft_model_state_dict(peft_model, load_file(adapter_dir / "adapter_model.safetensors"))
         if result.unexpected_keys:
