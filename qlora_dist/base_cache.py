@@ -17,9 +17,9 @@ bitsandbytes' serialised quantization states); loading the folder builds those m
 
 The folder's name is a hash of the base files' identity (path, size and modification time of config.json and
 every weight file) and of everything that changes the quantized bytes: quant type, double quantization,
-storage dtype, compute dtype, device type, and the transformers/bitsandbytes/torch versions. A changed base or
-setting is a new key, hence a fresh build; old folders are left for the user to delete. A folder is written
-under a temporary name and renamed into place once complete, so a crashed build is never loaded.
+storage dtype, compute dtype, device type, the transformers/bitsandbytes/torch versions and :data:`FORMAT`. A
+changed base or setting is a new key, hence a fresh build; old folders are left for the user to delete. A folder
+is written under a temporary name and renamed into place once complete, so a crashed build is never loaded.
 
 Under ZeRO-3 too: transformers 5.24 never builds a quantized model under DeepSpeed's ``zero.Init``
 (``PreTrainedModel.get_init_context`` adds it only ``if not is_quantized``; a quantized model is built on the

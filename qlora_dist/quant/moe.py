@@ -249,9 +249,9 @@ class NF4Experts(nn.Module):
 def quantize_experts(model: nn.Module, quant, compute_dtype: torch.dtype) -> list[str]:
     """Swap every fused experts module of the loaded ``model`` for an :class:`NF4Experts`; return their names.
 
-    ``quant`` is the run's ``QuantConfig`` with its storage dtype resolved. Under ZeRO-3 (weights already
-    partitioned by ``zero.Init``) each module's two parameters are gathered while it is quantized; every rank
-    swaps the same modules in the same order.
+    ``quant`` is the run's ``QuantConfig`` with its storage dtype resolved. Should the weights be partitioned
+    already (``zero.Init``; transformers 5.24 does not use it for a quantized model) each module's two parameters
+    are gathered while it is quantized; every rank swaps the same modules in the same order.
     """
     from ..model import _DTYPES
 
