@@ -64,7 +64,7 @@ def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
     assert loads[0]["source"] in ("built", "cache") and loads[1]["source"] == "cache" and loads[1]["reason"] is None
     assert len(set(report["lora_checksum_per_rank"])) == 1
     shards = report["data_shards"]
-    assert shards["disjoint"] and shards["examples_per_rank"][0] == shards["examples_per_rank"][1] > 0
+    assert shards["disjoint"] and min(shards["examples_per_rank"]) > 0  # token-balanced: counts may differ
     assert report["final_loss"] < report["initial_loss"]
     # The saved adapter is whole (never ZeRO-3's 0-sized placeholders) and loads with peft.
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
