@@ -80,8 +80,9 @@ class DeepSpeedStrategy:
         if self.stage == 3:
             if not self.zero3_init:
                 raise ConfigError(
-                    "ZeRO-3 without zero3_init_flag loads the whole model on every rank first: set "
-                    "deepspeed_config.zero3_init_flag: true in the launch config (as launch_configs/deepspeed_zero3.yaml does)"
+                    "ZeRO-3 without zero3_init_flag is not supported (untested: transformers then does not know "
+                    "ZeRO-3 is on while loading and saving): set deepspeed_config.zero3_init_flag: true in the "
+                    "launch config (as launch_configs/deepspeed_zero3.yaml does)"
                 )
             if (
                 quant.storage_dtype != "auto"
