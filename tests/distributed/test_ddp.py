@@ -190,6 +190,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
     launch(["-m", "qlora_dist", "train", str(cfg2)], cache_dir)
     r1, r2 = read_report(out1), read_report(out2)
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r2["loss"] == "chunked"
+    assert r1["loss"] == ("full logits: train.chunked_loss is false" if packing else "chunked")
     if packing:  # several examples per row, so the per-example attention path really ran
         assert r1["num_examples"] == r2["num_examples"] < 64 // 2
     assert r1["initial_loss"] == pytest.approx(r2["initial_loss"], rel=1e-6)
