@@ -3,8 +3,9 @@ in memory (the in-memory path), on the same synthetic model, in one invocation.
 
 ::
 
-    python -m benchmarks.merge            # ~1.1B-parameter Llama shape in bf16; writes BENCHMARKS.md "## Merge"
-    python -m benchmarks.merge --small    # a few million parameters, seconds; prints the table only
+    python -m benchmarks.merge                    # ~1.1B-parameter Llama shape in bf16, 1 GB shards; "## Merge"
+    python -m benchmarks.merge --preset issue14   # issue 14's 0.5B Llama shape in bf16, 200 MB shards, 3 repeats
+    python -m benchmarks.merge --small            # a few million parameters, seconds; prints the table only
 
 The base is built from a config with random weights (no download) and written straight to safetensors shards
 of about ``--shard-gb`` GB; the adapter is random LoRA (non-zero B) on every linear layer the training run
@@ -16,6 +17,7 @@ two merged folders are then compared tensor by tensor: they must be bit-identica
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -34,6 +36,9 @@ import torch
 from benchmarks.common import child_env, machine, write_section
 
 METHODS = ("streaming", "in-memory")
+ORIGINAL = "peft-original"
+"""The optional third row: peft's ``merge_and_unload`` into the base loaded in the merged dtype (the original
+weights, no NF4 round trip), what a user without qlora_dist runs (issue 14's reference; its output differs)."""
 SECTION = "## Merge"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +68,30 @@ class Shape:
 
 
 FULL = Shape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)  # TinyLlama-1.1B's
+ISSUE14 = Shape(hidden=1024, intermediate=4096, layers=26, heads=16, kv_heads=4, vocab=32000)  # 0.46B, 0.92 GB bf16
 SMALL = Shape(hidden=384, intermediate=1024, layers=12, heads=4, kv_heads=2, vocab=2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named benchmark: the model, its shard size, the repeats and the BENCHMARKS.md section it writes."""
+
+    shape: Shape
+    shard_gb: float
+    repeats: int
+    section: str | None
+    """None: print only (a quick check)."""
+    original: bool = False
+    """Also measure :data:`ORIGINAL`."""
+
+
+PRESETS = {
+    "full": Preset(FULL, 1.0, 2, SECTION),
+    # Issue 14's measurement: a 0.5B Llama-shaped bf16 base in 200 MB shards, both methods writing bf16.
+    "issue14": Preset(ISSUE14, 0.2, 3, "## Merge, 0.5B in 200 MB shards (issue 14)", original=True),
+    "small": Preset(SMALL, 0.004, 1, None),
+}
+
 TINY = Shape(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=256)  # the workers' warm-up
 
 
@@ -132,7 +160,7 @@ def build_adapter(folder: Path, base: Path, r: int, alpha: int, compute_dtype: t
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from qlora_dist.merge import QUANT_META, NF4Rebuild, _read_header, quantized_weights_of_config
+    from qlora_dist.merge import QUANT_META, NF4Rebuild, _tensor_index, quantized_weights_of_config
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -140,7 +168,7 @@ def build_adapter(folder: Path, base: Path, r: int, alpha: int, compute_dtype: t
     layers = sorted(quantized_weights_of_config(config, NF4Rebuild(compute_dtype=compute_dtype)))
     shapes = {}
     for file in base.glob("*.safetensors"):
-        shapes.update({name: info["shape"] for name, info in _read_header(file)[1].items()})
+        shapes.update({name: info["shape"] for name, info in _tensor_index(file).items()})
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name in layers:
@@ -178,17 +206,92 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure(
-    method: str,
-    base: Path,
-    adapter: Path,
-    out: Path,
-    merge_base: str = "dequantized",
-    dtype: str = "auto",
-    warmup: tuple[Path, Path] | None = None,
-) -> dict[str, Any]:
-    """Run one merge here and return its wall time and peak RSS. ``warmup`` (a small base and adapter) is merged
-    first, so that lazily imported code and one-time buffers do not count against the measured merge."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One measured merge: what :func:`measure` runs and :func:`run_worker` hands to a fresh process."""
+
+    method: str
+    base: Path
+    adapter: Path
+    out: Path
+    merge_base: str = "dequantized"
+    dtype: str = "auto"
+    warmup: tuple[Path, Path] | None = None
+    """A small base and adapter merged first with the same method, so that lazily imported code and one-time
+    buffers do not count against the measured merge."""
+    profile: bool = False
+    """Also time the streaming merge's steps (:func:`profiled`)."""
+
+    def argv(self) -> list[str]:
+        """This job as the worker's command-line arguments (parsed back by :func:`main`)."""
+        argv = ["--worker", self.method, "--base", str(self.base), "--adapter", str(self.adapter)]
+        argv += ["--out", str(self.out), "--merge-base", self.merge_base, "--dtype", self.dtype]
+        argv += ["--profile"] if self.profile else []
+        return argv + (["--warmup", str(self.warmup[0]), str(self.warmup[1])] if self.warmup else [])
+
+
+STEPS = {
+    "read": "read (`safe_open`, one tensor at a time)",
+    "cast_in": "cast to the compute dtype before quantizing",
+    "quantize": "NF4 quantize (`bitsandbytes.functional.quantize_4bit`)",
+    "dequantize": "NF4 dequantize (`dequantize_4bit`)",
+    "delta": "LoRA delta `(B @ A) * scaling`, float32",
+    "cast_add": "casts to the merged dtype, delta add, transposes",
+    "write_wait": "waiting for the writer thread (writes not hidden behind compute)",
+    "fsync": "fsync of the written files",
+    "other": "everything else (plan, configs, tokenizer, rename)",
+}
+
+
+@contextlib.contextmanager
+def profiled(seconds: dict[str, float]):
+    """Time the streaming merge's steps into ``seconds`` (keys of :data:`STEPS`, wall seconds on the main
+    thread), by wrapping the functions that do each step; removed again on exit."""
+    import bitsandbytes.functional as bnb_f
+
+    from qlora_dist import merge as merge_mod
+
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner, attr: str, key: str):
+        real = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+        patched.append((owner, attr, real))
+        setattr(owner, attr, timed)
+
+    for owner, attr, key in (
+        (merge_mod, "_read_tensor", "read"),
+        (bnb_f, "quantize_4bit", "quantize"),
+        (bnb_f, "dequantize_4bit", "dequantize"),
+        (merge_mod.NF4Rebuild, "roundtrip", "_roundtrip"),
+        (merge_mod._Lora, "delta", "delta"),
+        (merge_mod, "_merged_tensor", "_merged"),
+        (merge_mod, "_write_safetensors", "_write"),
+        (merge_mod, "fsync_file", "fsync"),
+    ):
+        wrap(owner, attr, key)
+    try:
+        yield
+    finally:
+        for owner, attr, real in reversed(patched):
+            setattr(owner, attr, real)
+    # What the wrapped calls leave over: casts inside the round trip; the rest of _merged_tensor; the time
+    # _write_safetensors spends outside producing tensors (header, waiting for the writer thread).
+    get = seconds.get
+    seconds["cast_in"] = get("_roundtrip", 0) - get("quantize", 0) - get("dequantize", 0)
+    seconds["cast_add"] = get("_merged", 0) - get("_roundtrip", 0) - get("delta", 0)
+    seconds["write_wait"] = get("_write", 0) - get("_merged", 0) - get("read", 0)
+
+
+def measure(job: Job) -> dict[str, Any]:
+    """Run one merge here and return its wall time, CPU time and peak RSS."""
     import logging
 
     from qlora_dist.merge import merge_command
@@ -198,20 +301,28 @@ def measure(
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    if warmup is not None:
-        scratch = out.with_name(out.name + ".warmup")
-        merge_command(str(warmup[0]), str(warmup[1]), scratch, merge_base, dtype, method=method, verify=False)
+    def merge(base: Path, adapter: Path, out: Path) -> dict[str, Any]:
+        # The merge's own memory only: its logit check (which loads the model again) is off; the two methods'
+        # outputs are compared tensor by tensor afterwards instead.
+        return merge_command(str(base), str(adapter), out, job.merge_base, job.dtype, method=job.method, verify=False)
+
+    if job.warmup is not None:
+        scratch = job.out.with_name(job.out.name + ".warmup")
+        merge(*job.warmup, scratch)
         shutil.rmtree(scratch)
     gc.collect()
     reset = reset_peak_rss()
     baseline = _status_kib("VmRSS") * 1024
+    steps: dict[str, float] = {}
     start, cpu = time.perf_counter(), time.process_time()
-    # The merge's own memory only: its logit check (which loads the model again) is off; the two methods' outputs
-    # are compared tensor by tensor afterwards instead.
-    info = merge_command(str(base), str(adapter), out, merge_base, dtype, method=method, verify=False)
+    with profiled(steps) if job.profile else contextlib.nullcontext():
+        info = merge(job.base, job.adapter, job.out)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak = _status_kib("VmHWM") * 1024
+    if job.profile:
+        steps["other"] = seconds - sum(steps[k] for k in STEPS if k != "other" and k in steps)
     return {
+        "profile": {k: round(steps.get(k, 0.0), 3) for k in STEPS} if job.profile else None,
         "method": info["method"],
         "seconds": round(seconds, 3),
         "cpu_seconds": round(cpu_seconds, 3),
@@ -222,25 +333,13 @@ def measure(
     }
 
 
-def run_worker(
-    method: str,
-    base: Path,
-    adapter: Path,
-    out: Path,
-    merge_base: str = "dequantized",
-    dtype: str = "auto",
-    warmup: tuple[Path, Path] | None = None,
-    timeout: float | None = None,
-) -> dict[str, Any]:
+def run_worker(job: Job, timeout: float | None = None) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process (so neither method inherits the other's memory)."""
-    cmd = [sys.executable, "-m", "benchmarks.merge", "--worker", method, "--base", str(base)]
-    cmd += ["--adapter", str(adapter), "--out", str(out), "--merge-base", merge_base, "--dtype", dtype]
-    if warmup is not None:
-        cmd += ["--warmup", str(warmup[0]), str(warmup[1])]
+    cmd = [sys.executable, "-m", "benchmarks.merge", *job.argv()]
     env = child_env(TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{job.method} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -291,12 +390,13 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
     ratio_peak = m["peak_rss_bytes"] / s["peak_rss_bytes"]
     above = (s["peak_above_baseline_bytes"], m["peak_above_baseline_bytes"])
     ratio_above = f"**{above[1] / above[0]:.1f}x**" if all(above) else "n/a"
-    command = "python -m benchmarks.merge" + (" --small" if args.small else "")
+    command = "python -m benchmarks.merge" + (f" --preset {args.preset}" if args.preset != "full" else "")
     command += f" --repeats {args.repeats}" if args.repeats else ""
+    command += f" --shard-gb {args.shard_gb:g}" if args.shard_gb else ""
     shape = base_info["stamp"]["shape"]
     repeats = len(results["streaming"])
     lines = [
-        SECTION,
+        PRESETS[args.preset].section or SECTION,
         "",
         "Rank 0's merge of a LoRA adapter into the dequantized NF4 base (`merge_base: dequantized`), the way"
         " `qlora-dist merge` does it: **streaming** (shard by shard from the safetensors files, each weight"
@@ -322,7 +422,11 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
         "| method | wall time (median) | every run | CPU time (median) | peak RSS | peak RSS above baseline |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for name, r in (("streaming", s), ("in-memory (peft merge_and_unload)", m)):
+    rows = [("streaming", s), ("in-memory (peft merge_and_unload)", m)]
+    o = summarize(results[ORIGINAL]) if results.get(ORIGINAL) else None
+    if o is not None:
+        rows.append(("peft merge_and_unload into the original base (no NF4 round trip)", o))
+    for name, r in rows:
         extra = _gb(r["peak_above_baseline_bytes"]) if r["peak_above_baseline_bytes"] is not None else "n/a"
         every = ", ".join(f"{t:.1f}" for t in r["all_seconds"])
         lines.append(
@@ -333,6 +437,16 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
         f"| **in-memory / streaming** | **{m['seconds'] / s['seconds']:.2f}x** | | "
         f"**{m['cpu_seconds'] / s['cpu_seconds']:.2f}x** | **{ratio_peak:.1f}x** | {ratio_above} |"
     )
+    if o is not None:
+        lines.append(
+            f"| **streaming / peft into the original base** | **{s['seconds'] / o['seconds']:.2f}x** | | "
+            f"**{s['cpu_seconds'] / o['cpu_seconds']:.2f}x** | **{s['peak_rss_bytes'] / o['peak_rss_bytes']:.2f}** |"
+            + (
+                f" {s['peak_above_baseline_bytes'] / o['peak_above_baseline_bytes']:.2f} |"
+                if s["peak_above_baseline_bytes"] and o["peak_above_baseline_bytes"]
+                else " n/a |"
+            )
+        )
     lines += [
         "",
         "Streaming holds a few temporary copies of one tensor (bitsandbytes' quantizer makes float32 and int64"
@@ -345,6 +459,29 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
         " the CPU time (all threads of the process), which contention distorts less.",
         "",
     ]
+    if o is not None:
+        lines[-1:-1] = [
+            "",
+            "The third row is what a user without qlora_dist runs: the base loaded in the merged dtype, peft's"
+            " `merge_and_unload`, `save_pretrained`. It skips the NF4 round trip, so its output is the original base"
+            " plus the delta, not the model that was trained (the first two rows' output): it is the reference for"
+            " memory and time, not for the result.",
+        ]
+    return "\n".join(lines)
+
+
+def render_profile(result: dict, load) -> str:
+    """One profiled streaming merge as a markdown table: seconds and share of the wall time per step."""
+    total = result["seconds"]
+    lines = [
+        f"Profiled streaming merge: {total:.1f} s wall, {result['cpu_seconds']:.1f} s CPU, peak RSS "
+        f"{_gb(result['peak_rss_bytes'])}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
+        "",
+        "| step | seconds | share |",
+        "|---|---:|---:|",
+    ]
+    for key, label in STEPS.items():
+        lines.append(f"| {label} | {result['profile'][key]:.1f} | {result['profile'][key] / total:.0%} |")
     return "\n".join(lines)
 
 
@@ -353,16 +490,20 @@ def render(results: dict[str, list[dict]], base_info: dict, adapter_bytes: int, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("--small", action="store_true", help="a small model, for a quick check (prints only)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="model, shards, repeats (default full)")
+    p.add_argument("--small", action="store_true", help="--preset small: a small model, a quick check (prints only)")
     p.add_argument("--workdir", type=Path, default=None, help="where inputs and outputs go (default: a tmp dir)")
     p.add_argument("--output", type=Path, default=None, help="markdown file to write (default: BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print the section, write no file")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
     p.add_argument("--r", type=int, default=16, help="LoRA rank (alpha is 2r)")
-    p.add_argument("--shard-gb", type=float, default=None, help="base shard size (default 1.0; --small 0.004)")
-    p.add_argument("--repeats", type=int, default=None, help="runs per method, alternating (default 2; --small 1)")
+    p.add_argument("--shard-gb", type=float, default=None, help="base shard size (default: the preset's)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per method, alternating (default: the preset's)")
     p.add_argument("--keep", action="store_true", help="keep the merged outputs")
     p.add_argument("--json", type=Path, default=None, help="also write the raw measurements to this JSON file")
+    p.add_argument(
+        "--profile", action="store_true", help="instead: one streaming merge with its steps timed (prints a table)"
+    )
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
@@ -373,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         warmup = tuple(args.warmup) if args.warmup else None
-        result = measure(args.worker, args.base, args.adapter, args.out, args.merge_base, args.dtype, warmup)
+        job = Job(args.worker, args.base, args.adapter, args.out, args.merge_base, args.dtype, warmup, args.profile)
+        result = measure(job)
         print(json.dumps(result))
         return 0
 
@@ -382,11 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_dist.cli import setup_logging
 
     setup_logging()
+    if args.small:
+        args.preset = "small"
+    preset = PRESETS[args.preset]
     load = os.getloadavg()
     dtype = getattr(torch, args.dtype)
-    shape = SMALL if args.small else FULL
-    shard_bytes = int((args.shard_gb or (0.004 if args.small else 1.0)) * 1e9)
-    default_dir = Path(os.environ.get("TMPDIR", "/tmp")) / ("qlora_dist_bench_merge" + ("_small" if args.small else ""))
+    shape = preset.shape
+    shard_bytes = int((args.shard_gb or preset.shard_gb) * 1e9)
+    suffix = "" if args.preset == "full" else f"_{args.preset}"
+    default_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"qlora_dist_bench_merge{suffix}"
     workdir = args.workdir or default_dir
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"building the base in {workdir / 'base'} ...", flush=True)
@@ -401,15 +547,28 @@ def main(argv: list[str] | None = None) -> int:
         with open(file, "rb") as f:
             while f.read(1 << 24):
                 pass
-    repeats = args.repeats or (1 if args.small else 2)
-    results: dict[str, list[dict]] = {method: [] for method in METHODS}
+    if args.profile:
+        out = workdir / "merged-profiled"
+        shutil.rmtree(out, ignore_errors=True)
+        job = Job(
+            "streaming", workdir / "base", workdir / "adapter", out, dtype=args.dtype, warmup=warmup, profile=True
+        )
+        result = run_worker(job)
+        shutil.rmtree(out, ignore_errors=True)
+        print(json.dumps(result))
+        print(render_profile(result, load))
+        return 0
+    repeats = args.repeats or preset.repeats
+    names = (*METHODS, ORIGINAL) if preset.original else METHODS
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(repeats):
-        for method in METHODS if rep % 2 == 0 else METHODS[::-1]:  # alternate which goes first
-            out = workdir / f"merged-{method}"
+        for name in names if rep % 2 == 0 else names[::-1]:  # alternate which goes first
+            out = workdir / f"merged-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            print(f"running {method} ({rep + 1}/{repeats}) ...", flush=True)
-            result = run_worker(method, workdir / "base", workdir / "adapter", out, dtype=args.dtype, warmup=warmup)
-            results[method].append(result)
+            print(f"running {name} ({rep + 1}/{repeats}) ...", flush=True)
+            method, merge_base = ("in-memory", "original") if name == ORIGINAL else (name, "dequantized")
+            result = run_worker(Job(method, workdir / "base", workdir / "adapter", out, merge_base, args.dtype, warmup))
+            results[name].append(result)
             print(json.dumps(result), flush=True)
     same = identical(workdir / "merged-streaming", workdir / "merged-in-memory")
     section = render(results, base_info, adapter_bytes, args, same, load)
@@ -418,13 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         raw = {"results": results, "base": base_info, "adapter_bytes": adapter_bytes, "identical": same}
         args.json.write_text(json.dumps(raw, indent=2) + "\n")
-    target = args.output or (None if args.small else REPO / "BENCHMARKS.md")
+    target = args.output or (None if preset.section is None else REPO / "BENCHMARKS.md")
     if target is not None and not args.no_write:
         write_section(target, section)
         print(f"wrote {target}")
     if not args.keep:
-        for method in METHODS:
-            shutil.rmtree(workdir / f"merged-{method}", ignore_errors=True)
+        for name in names:
+            shutil.rmtree(workdir / f"merged-{name}", ignore_errors=True)
     return 0 if same else 1
 
 

@@ -8,7 +8,8 @@ model reproduces the QLoRA model's outputs. ``original`` merges into the unquant
 Two ways to get there, with bit-identical results:
 
 - **streaming** (the default whenever the base is a local safetensors checkpoint and the adapter plain LoRA):
-  the base's safetensors files are read one tensor at a time. Each weight that training quantized is cast the
+  the base's safetensors files are read one tensor at a time (safetensors' ``safe_open``, opened per tensor:
+  see :func:`_read_tensor`). Each weight that training quantized is cast the
   way transformers casts it before quantizing (to the compute dtype, on the training device), quantized with
   bitsandbytes' ``quantize_4bit`` (same block size, quant type, double quantization and storage dtype) and
   dequantized, so it equals what the adapter saw; the LoRA delta is added with peft's own arithmetic
@@ -22,8 +23,9 @@ Two ways to get there, with bit-identical results:
   is loaded, the dequantized weights copied in, and peft's ``merge_and_unload`` folds the adapter in.
 
 The merged folder is written under a temporary name and renamed into place, so there is never a
-half-written ``merged/``. Before the rename, its logits are compared with base + adapter unmerged (training's
-merge and ``qlora-dist merge`` alike); over :data:`MERGE_BOUNDS` the folder is dropped, not kept. GPT-2's Conv1D
+half-written ``merged/``. Before the rename, its logits and its next-token loss (taken by the training loss
+function, :func:`qlora_dist.loss.token_loss_sum`) are compared with base + adapter unmerged (training's merge and
+``qlora-dist merge`` alike); over :data:`MERGE_BOUNDS` or :data:`LOSS_BOUNDS` the folder is dropped, not kept. GPT-2's Conv1D
 weights are (in, out) in the checkpoint and (out, in) in the 4-bit layer: both paths write them back transposed
 (``quant/layers.py``).
 """
@@ -250,6 +252,43 @@ def logits_of(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tenso
     return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batches]
 
 
+@torch.no_grad()
+def loss_of(model: nn.Module, batches: list[torch.Tensor], chunk_tokens: int | None = 0) -> float:
+    """Mean next-token loss of ``model`` over every token of ``batches`` (each sequence is its own label), by
+    :func:`qlora_dist.loss.token_loss_sum`: the function training and evaluation take their loss with
+    (``chunk_tokens`` as there: 0 chunks over the tokens, the full logits never built; None takes the full
+    logits). Under ZeRO-3, every rank must call this."""
+    from .loss import target_count, token_loss_sum
+
+    device = _device_of(model)
+    total, tokens = 0.0, 0
+    for ids in batches:
+        batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+        total += float(token_loss_sum(model, batch, chunk_tokens))
+        tokens += target_count(batch)
+    return total / tokens if tokens else float("nan")
+
+
+@dataclasses.dataclass
+class MergeCheck:
+    """What the merged model must reproduce: base + adapter, unmerged, on a few token sequences."""
+
+    batches: list[torch.Tensor]
+    logits: list[torch.Tensor]
+    """Float32 CPU logits of base + adapter, one tensor per batch (:func:`logits_of`)."""
+    loss: float | None
+    """Its mean next-token loss (:func:`loss_of`); None: the loss is recorded for the merged model, not compared."""
+    device: torch.device
+    """Where the merged model is run for the comparison."""
+    chunk_tokens: int | None = 0
+    """:func:`loss_of`'s, the same for both losses (a run passes its ``train.loss_chunk_tokens``)."""
+
+    def compare(self, merged: nn.Module) -> tuple[float, float]:
+        """(relative logit error, mean next-token loss) of ``merged`` on these sequences."""
+        error = relative_error(self.logits, logits_of(merged, self.batches))
+        return error, loss_of(merged, self.batches, self.chunk_tokens)
+
+
 def relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
     """``||candidate - reference|| / ||reference||`` over all tensors together."""
     num = sum(float((c - r).pow(2).sum()) for r, c in zip(reference, candidate, strict=True))
@@ -311,7 +350,8 @@ class _Unsupported(Exception):
 class _Plan:
     folder: Path
     files: list[Path]
-    headers: dict[Path, tuple[int, dict[str, dict]]]
+    headers: dict[Path, dict[str, dict]]
+    """``{shard: {tensor name: {"dtype": "BF16", "shape": [...]}}}``, each shard's tensors in file order."""
     deltas: dict[str, _Lora]
     quantized: frozenset[str]
     config: Any
@@ -328,9 +368,9 @@ def _plan(base_path: str, adapter_dir: Path, nf4: NF4Rebuild | None, trust_remot
         raise _Unsupported(f"{base_path} has no safetensors checkpoint ({SAFE_SINGLE} or {SAFE_INDEX})")
     folder, files = found
     deltas = _read_lora(adapter_dir)
-    headers = {f: _read_header(f) for f in files}
-    names = {name for _, header in headers.values() for name in header}
-    unknown = {info["dtype"] for _, header in headers.values() for info in header.values()} - set(_ST_DTYPES)
+    headers = {f: _tensor_index(f) for f in files}
+    names = {name for header in headers.values() for name in header}
+    unknown = {info["dtype"] for header in headers.values() for info in header.values()} - set(_ST_DTYPES)
     if unknown:
         raise _Unsupported(f"{base_path} holds tensors of dtype {', '.join(sorted(unknown))}")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -365,19 +405,18 @@ def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | No
     """Output shards mirror the input's (same file names and tensors), floating tensors in ``dtype``. Every
     tensor goes read -> (re-quantize) -> cast -> add delta -> write before the next one is read."""
     weight_map, total = {}, 0
-    for file, (data_start, header) in plan.headers.items():
+    for file, header in plan.headers.items():
         entries = [(name, _output_dtype(info, dtype), info["shape"], info) for name, info in header.items()]
         # Widest dtypes first keeps every tensor aligned to its element size (what the safetensors writer does);
-        # within a dtype, file order, so the input is read front to back.
-        entries.sort(key=lambda e: (-e[1].itemsize, e[3]["data_offsets"][0]))
-        with open(file, "rb") as src:
+        # within a dtype, file order (the header is in it; the sort is stable), so the input is read front to back.
+        entries.sort(key=lambda e: -e[1].itemsize)
 
-            def produce(name: str, info: dict, src=src, data_start=data_start) -> torch.Tensor:
-                tensor = _read_tensor(src, data_start, info)
-                rebuild = nf4 if name in plan.quantized else None
-                return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name), name in plan.transposed)
+        def produce(name: str, info: dict, file=file) -> torch.Tensor:
+            tensor = _read_tensor(file, name)
+            rebuild = nf4 if name in plan.quantized else None
+            return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name), name in plan.transposed)
 
-            total += _write_safetensors(out_dir / file.name, entries, produce)
+        total += _write_safetensors(out_dir / file.name, entries, produce)
         weight_map.update({name: file.name for name, *_ in entries})
     if len(plan.files) > 1 or (plan.folder / SAFE_INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -532,10 +571,11 @@ def _save_configs(config, base_dir: Path, out_dir: Path, dtype: torch.dtype) -> 
 
 
 # -- safetensors, one tensor at a time ----------------------------------------------------------------------
-# The format: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} (padded
-# with spaces), then the raw bytes. Reading with plain file reads (no mmap) keeps only the tensor being
-# processed in memory; writing the header first (shapes and dtypes are known) lets each tensor go to disk as
-# soon as it is computed.
+# Reading goes through safetensors' own lazy access (``safe_open``: the tensor index in file order, one tensor
+# at a time). Writing is our own: the format is 8 bytes little-endian header length, a JSON header {name:
+# {dtype, shape, data_offsets}} (padded with spaces), then the raw bytes, and writing the header first (shapes
+# and dtypes are known) lets each tensor go to disk as soon as it is computed, which safetensors' writer (a
+# dict of finished tensors) does not.
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -583,27 +623,33 @@ def _local_model_dir(base_path: str) -> Path | None:
         return None
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, dict]]:
-    """(offset of the data, ``{name: {dtype, shape, data_offsets}}``) of a safetensors file."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, header
+def _tensor_index(path: Path) -> dict[str, dict]:
+    """``{name: {"dtype": "BF16", "shape": [...]}}`` of a safetensors file, in the order of the tensors' bytes in
+    the file (safetensors' ``offset_keys``), so that reading in this order reads the file front to back."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {
+            name: {"dtype": (s := f.get_slice(name)).get_dtype(), "shape": list(s.get_shape())}
+            for name in f.offset_keys()
+        }
 
 
-def _read_tensor(f, data_start: int, info: dict) -> torch.Tensor:
-    start, end = info["data_offsets"]
-    raw = torch.empty(end - start, dtype=torch.uint8)
-    view = memoryview(raw.numpy())
-    f.seek(data_start + start)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise OSError(f"{f.name}: file ends inside a tensor")
-        done += n
-    return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of the safetensors file ``path``, through safetensors' lazy per-tensor access.
+
+    The file is opened for this one tensor: ``safe_open`` maps the file and ``get_tensor`` returns a tensor
+    over the mapped pages (copy-on-write: the in-place LoRA add never reaches the file), and mapped pages that
+    were read count in the resident set while the mapping lives. Kept open for a whole shard, every page read so
+    far stayed mapped: on issue 14's 0.5B base in 200 MB shards the peak RSS rose by 0.16 GB (0.87 against
+    0.71 GB, CPU time the same); opened per tensor, the mapping goes with the tensor and the peak equals plain
+    reads into a fresh buffer (0.69-0.74 GB either way; BENCHMARKS.md, "Merge, 0.5B"). The header is parsed
+    again each time: a few hundred tensors per shard, microseconds each.
+    """
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name)
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], Any]], produce) -> int:
@@ -649,15 +695,44 @@ merges reproduce to ~1e-6, so 1e-4 catches any layout or arithmetic mistake; hal
 weight to 8 or 11 mantissa bits, ~1e-2 in the logits of the tiny models."""
 
 
-class MergeCheckFailed(RuntimeError):
-    """The merged model does not reproduce base + adapter within :data:`MERGE_BOUNDS` (nothing was kept)."""
+LOSS_BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+"""Largest difference of the merged model's mean next-token loss from base + adapter's, relative to the latter,
+by dtype (:func:`loss_bound`). The loss is what training minimised and evaluation reports (both losses are taken
+by the same function, ``token_loss_sum``), so this says in the units a user reads that the merged model is the
+trained one. Why these values: a token's cross-entropy moves by at most sqrt(2) times the norm of its logits'
+change (its gradient, softmax minus one-hot, has norm <= sqrt(2)), and rounding errors of the logits mostly
+cancel in the mean over tokens. Measured on the tests' tiny Llama and Qwen2: correct merges differ by <= 2e-8
+relative in fp32 and <= 4e-6 in bf16/fp16 (logits by 1e-2); a real bf16 model, whose logits are larger, was
+estimated at ~1e-3, so 1e-2 leaves room without refusing good merges. An output head written 3x too large moves
+the loss by 0.7-1.8e-2 (caught in fp32 by a 70x margin; in half precision the logit bound catches it). Noise
+on every merged weight that makes the logits 100% wrong moved this near-uniform tiny model's loss by only
+3e-4 to 6e-3: the logit comparison stays the sharper check, the loss the one in a user's units."""
 
-    def __init__(self, error: float, bound: float, dtype: torch.dtype, method: str) -> None:
+
+class MergeCheckFailed(RuntimeError):
+    """The merged model does not reproduce base + adapter within :data:`MERGE_BOUNDS` (logits) or
+    :data:`LOSS_BOUNDS` (the next-token loss); nothing was kept."""
+
+    def __init__(
+        self,
+        error: float,
+        bound: float,
+        dtype: torch.dtype,
+        method: str,
+        losses: tuple[float | None, float | None, float | None] = (None, None, None),
+    ) -> None:
         self.error, self.bound, self.dtype, self.method = error, bound, dtype, method
-        super().__init__(
-            f"merged model ({method} merge, {str(dtype).replace('torch.', '')}) differs from base + adapter by a "
-            f"relative logit error of {error:.3g}, over the bound {bound:g}"
-        )
+        self.reference_loss, self.merged_loss, self.loss_bound = losses
+        what = f"merged model ({method} merge, {str(dtype).replace('torch.', '')}) differs from base + adapter by"
+        failures = []
+        if not error <= bound:
+            failures.append(f"a relative logit error of {error:.3g}, over the bound {bound:g}")
+        if not _loss_within(*losses):
+            failures.append(
+                f"a next-token loss of {self.merged_loss:.6g} against {self.reference_loss:.6g}, "
+                f"over the bound of {self.loss_bound:.3g}"
+            )
+        super().__init__(f"{what} {' and '.join(failures)}")
 
 
 def merge_bound(*dtypes: torch.dtype) -> float:
@@ -666,10 +741,29 @@ def merge_bound(*dtypes: torch.dtype) -> float:
     return max(MERGE_BOUNDS.get(d, MERGE_BOUNDS[torch.bfloat16]) for d in dtypes)
 
 
-def check_bound(error: float | None, bound: float, dtype: torch.dtype, method: str) -> None:
-    """Raise :class:`MergeCheckFailed` when ``error`` (None: not checked) exceeds ``bound``."""
-    if error is not None and not error <= bound:  # NaN fails too
-        raise MergeCheckFailed(error, bound, dtype, method)
+def loss_bound(reference_loss: float, *dtypes: torch.dtype) -> float:
+    """Largest allowed ``|merged loss - reference loss|`` in nats (:data:`LOSS_BOUNDS`, the looser of the dtypes'
+    relative bounds, times the reference loss)."""
+    return max(LOSS_BOUNDS.get(d, LOSS_BOUNDS[torch.bfloat16]) for d in dtypes) * abs(reference_loss)
+
+
+def _loss_within(reference: float | None, merged: float | None, bound: float | None) -> bool:
+    if reference is None or bound is None:
+        return True  # not compared
+    return merged is not None and abs(merged - reference) <= bound  # NaN fails
+
+
+def check_bound(
+    error: float | None,
+    bound: float,
+    dtype: torch.dtype,
+    method: str,
+    losses: tuple[float | None, float | None, float | None] = (None, None, None),
+) -> None:
+    """Raise :class:`MergeCheckFailed` when ``error`` (None: not checked) exceeds ``bound``, or the merged loss
+    differs from the reference one by more than its bound (``losses = (reference, merged, bound)``)."""
+    if error is not None and (not error <= bound or not _loss_within(*losses)):  # NaN fails too
+        raise MergeCheckFailed(error, bound, dtype, method, losses)
 
 
 @contextmanager
@@ -704,6 +798,30 @@ def _save_in_memory(model: nn.Module, tokenizer: Any, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
+@dataclasses.dataclass
+class CheckResult:
+    """The merged model against :class:`MergeCheck`: its logit error and both losses."""
+
+    rel_logit_error: float
+    merged_loss: float
+    reference_loss: float | None
+    loss_bound: float | None
+    """In nats (:func:`loss_bound`); None when the loss is not bounded (the original base, or no reference loss)."""
+
+    def report(self) -> dict[str, Any]:
+        """The loss figures as ``merge_report.json`` and ``run_report.json``'s ``merge`` section record them."""
+        difference = None if self.reference_loss is None else self.merged_loss - self.reference_loss
+        return {
+            "reference_loss": self.reference_loss,
+            "merged_loss": self.merged_loss,
+            "loss_difference": difference,
+            "loss_bound": self.loss_bound,
+        }
+
+
+NO_CHECK_REPORT = {"reference_loss": None, "merged_loss": None, "loss_difference": None, "loss_bound": None}
+
+
 def _merge_into(
     folder: Path,
     adapter_dir: Path,
@@ -712,14 +830,15 @@ def _merge_into(
     dtype: torch.dtype,
     tokenizer: Any,
     trust_remote_code: bool,
-    check: tuple[list[torch.Tensor], list[torch.Tensor], torch.device] | None = None,
+    check: MergeCheck | None = None,
     method: str = "auto",
-    bound: float | None = None,
-) -> tuple[str, float | None]:
+    bounds: tuple[torch.dtype, ...] | None = None,
+) -> tuple[str, CheckResult | None]:
     """Merge into the empty ``folder`` by streaming when possible (``method="auto"``), else in memory; return
-    (method used, logit error against ``check = (batches, reference logits, device)``, None without a check).
+    (method used, the merged model against ``check``, None without a check).
     ``method="in-memory"`` forces the in-memory path; ``"streaming"`` raises when streaming is impossible.
-    An error over ``bound`` (None: not bounded) raises :class:`MergeCheckFailed` (the folder is then dropped)."""
+    With ``bounds`` (the dtypes that set :func:`merge_bound` and :func:`loss_bound`; None: not bounded) a merged
+    model over either bound raises :class:`MergeCheckFailed` (the folder is then dropped)."""
     if method not in ("auto", "streaming", "in-memory"):
         raise ValueError(f"method={method!r}: choose auto, streaming or in-memory")
     blocker = "dequantized weights given in memory" if isinstance(base_spec, dict) else None
@@ -739,10 +858,9 @@ def _merge_into(
             "streamed %d tensors in %d shard(s): %d re-quantized, %d with a LoRA delta",
             counts["tensors"], counts["shards"], counts["quantized"], counts["merged"],
         )  # fmt: skip
-        error = _check_saved(folder, dtype, check, trust_remote_code) if check else None
-        if bound is not None:
-            check_bound(error, bound, dtype, "streaming")
-        return "streaming", error
+        result = _check_saved(folder, dtype, check, bounds, trust_remote_code) if check else None
+        _enforce(result, bounds, dtype, "streaming")
+        return "streaming", result
     if not isinstance(base_spec, dict):
         log.info("merging in memory: %s", blocker)
     dequantized = base_spec
@@ -751,18 +869,31 @@ def _merge_into(
     merged = merge_adapter(load_merge_base(base_path, dtype, dequantized, trust_remote_code), adapter_dir)
     del dequantized
     merged.eval()
-    error = None
-    if check:
-        batches, reference, _ = check
-        error = relative_error(reference, logits_of(merged, batches))
-        if bound is not None:
-            check_bound(error, bound, dtype, "in-memory")  # before a byte is written
+    result = _check(merged, check, bounds) if check else None
+    _enforce(result, bounds, dtype, "in-memory")  # before a byte is written
     _save_in_memory(merged, tokenizer, folder)
-    return "in-memory", error
+    return "in-memory", result
 
 
-def _check_saved(folder: Path, dtype: torch.dtype, check, trust_remote_code: bool) -> float:
-    """Relative logit error of the merged model saved in ``folder`` against the reference logits.
+def _check(merged: nn.Module, check: MergeCheck, bounds: tuple[torch.dtype, ...] | None) -> CheckResult:
+    # Evaluation only: a head with requires_grad would make token_loss_sum fall back to the full logits,
+    # and the point is to take the loss the way training did.
+    merged.requires_grad_(False)
+    error, loss = check.compare(merged)
+    limit = loss_bound(check.loss, *bounds) if bounds is not None and check.loss is not None else None
+    return CheckResult(error, loss, check.loss, limit)
+
+
+def _enforce(result: CheckResult | None, bounds, dtype: torch.dtype, method: str) -> None:
+    if result is not None and bounds is not None:
+        losses = (result.reference_loss, result.merged_loss, result.loss_bound)
+        check_bound(result.rel_logit_error, merge_bound(*bounds), dtype, method, losses)
+
+
+def _check_saved(
+    folder: Path, dtype: torch.dtype, check: MergeCheck, bounds: tuple[torch.dtype, ...] | None, trust_remote_code
+) -> CheckResult:
+    """The merged model saved in ``folder`` against ``check``.
 
     This loads the merged model once, on the check's device (the training device: on a GPU the shards go
     straight to GPU memory, not host RAM), and frees it again: the one moment the whole merged model is in
@@ -770,14 +901,13 @@ def _check_saved(folder: Path, dtype: torch.dtype, check, trust_remote_code: boo
     """
     from transformers import AutoModelForCausalLM
 
-    batches, reference, device = check
     with _without_zero3_init():
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, device_map={"": torch.device(device)}, trust_remote_code=trust_remote_code
+            folder, dtype=dtype, device_map={"": check.device}, trust_remote_code=trust_remote_code
         )
     model.eval()
     try:
-        return relative_error(reference, logits_of(model, batches))
+        return _check(model, check, bounds)
     finally:
         del model
         gc.collect()
@@ -796,44 +926,54 @@ def merge_trained(
     rank: int = 0,
     check_device: torch.device | str = "cpu",
     reference_dtype: torch.dtype | None = None,
+    reference_loss: float | None = None,
+    chunk_tokens: int | None = 0,
 ) -> dict[str, Any]:
-    """Merge on the calling (main) process and verify against the QLoRA model's logits.
+    """Merge on the calling (main) process and verify against the QLoRA model's logits and loss.
 
     ``dequantized`` says which base: an :class:`NF4Rebuild` (``merge_base: dequantized``, rebuilt from the
     checkpoint: streaming, nothing gathered), the trained-against NF4 weights already dequantized (a dict: the
-    in-memory path), or None to merge into the original weights. ``reference_logits`` are the QLoRA model's
-    (NF4 base + adapter) logits on ``check_batches``, computed before the merge; the merged model is compared
-    on ``check_device``; ``reference_dtype`` is the dtype they were computed in (default ``dtype``), which with
-    ``dtype`` sets the bound (:func:`merge_bound`). Returns ``run_report.json``'s ``merge`` section.
+    in-memory path), or None to merge into the original weights. ``reference_logits`` and ``reference_loss``
+    are the QLoRA model's (NF4 base + adapter) on ``check_batches`` (:func:`logits_of`, :func:`loss_of`),
+    computed before the merge; the merged model is compared on ``check_device``; ``reference_dtype`` is the
+    dtype they were computed in (default ``dtype``), which with ``dtype`` sets the bounds (:func:`merge_bound`,
+    :func:`loss_bound`); ``chunk_tokens`` is the run's loss chunking, for the merged model's loss. Returns
+    ``run_report.json``'s ``merge`` section.
 
-    Into the dequantized base, an error over :data:`MERGE_BOUNDS` leaves no ``merged/`` and the section says
-    ``verified: false`` with ``path: null`` (the caller fails the run). Into the original weights the merged
-    model differs from the QLoRA one by the quantization error itself, so the error is reported, not bounded.
+    Into the dequantized base, a logit error over :data:`MERGE_BOUNDS` or a loss over :data:`LOSS_BOUNDS`
+    leaves no ``merged/`` and the section says ``verified: false`` with ``path: null`` (the caller fails the
+    run). Into the original weights the merged model differs from the QLoRA one by the quantization error
+    itself, so the error and the losses are reported, not bounded.
     """
     start = time.perf_counter()
     base = "original" if dequantized is None else "dequantized"
-    check = (check_batches, reference_logits, torch.device(check_device)) if check_batches else None
-    bound = merge_bound(dtype, reference_dtype or dtype) if base == "dequantized" else None
+    check = None
+    if check_batches:
+        check = MergeCheck(check_batches, reference_logits, reference_loss, torch.device(check_device), chunk_tokens)
+    bounds = (dtype, reference_dtype or dtype) if base == "dequantized" else None
     failed: MergeCheckFailed | None = None
+    result: CheckResult | None = None
     try:
         with staged(Path(out_dir)) as tmp:
-            method, error = _merge_into(
+            method, result = _merge_into(
                 tmp, Path(adapter_dir), dequantized, base_path, dtype, tokenizer, trust_remote_code, check,
-                bound=bound,
+                bounds=bounds,
             )  # fmt: skip
     except MergeCheckFailed as e:
-        failed, method, error = e, e.method, e.error
+        failed, method = e, e.method
+        result = CheckResult(e.error, e.merged_loss, e.reference_loss, e.loss_bound)
         log.error("%s: %s not written", e, out_dir)
     seconds = time.perf_counter() - start
-    verified = base == "dequantized" and error is not None and failed is None
+    error = result.rel_logit_error if result is not None else None
+    verified = base == "dequantized" and result is not None and failed is None
     if not verified and failed is None:
         log.warning(
             "merged model NOT verified against base + adapter (%s)",
             "no check sequences" if error is None else "original base: it differs from the QLoRA model by design",
         )
     log.info(
-        "rank %d merged the adapter into the %s base (%s, %s) in %.1fs; relative logit error %s",
-        rank, base, dtype, method, seconds, error,
+        "rank %d merged the adapter into the %s base (%s, %s) in %.1fs; relative logit error %s, loss %s -> %s",
+        rank, base, dtype, method, seconds, error, reference_loss, result.merged_loss if result else None,
     )  # fmt: skip
     return {
         "merged_by_rank": rank,
@@ -841,7 +981,8 @@ def merge_trained(
         "method": method,
         "dtype": str(dtype).replace("torch.", ""),
         "rel_logit_error": error,
-        "bound": bound,
+        "bound": merge_bound(*bounds) if bounds is not None else None,
+        **(result.report() if result is not None else NO_CHECK_REPORT),
         "verified": verified,
         "checked_sequences": sum(int(b.shape[0]) for b in check_batches),
         "seconds": round(seconds, 3),
@@ -907,24 +1048,27 @@ def merge_command(
     check = None
     if verify:
         batches = check_sequences(base, tokenizer, data)
-        check = (batches, reference_logits(base, adapter_dir, nf4, compute, device, batches), device)
+        logits, loss = reference_outputs(base, adapter_dir, nf4, compute, device, batches)
+        check = MergeCheck(batches, logits, loss, device)
     else:
         log.warning("--no-verify: the merged model is NOT compared with base + adapter")
-    bound = merge_bound(dtype, compute)
+    bounds = (dtype, compute)
     try:
         with staged(out) as tmp:
-            method, error = _merge_into(
-                tmp, adapter_dir, nf4, base, dtype, tokenizer, False, check, method=method, bound=bound
+            method, result = _merge_into(
+                tmp, adapter_dir, nf4, base, dtype, tokenizer, False, check, method=method, bounds=bounds
             )
+            error = result.rel_logit_error if result is not None else None
             info = {
                 "base": merge_base,
                 "method": method,
                 "dtype": str(dtype).replace("torch.", ""),
-                "verified": error is not None,
+                "verified": result is not None,
                 "rel_logit_error": error,
-                "bound": bound,
+                "bound": merge_bound(*bounds),
+                **(result.report() if result is not None else NO_CHECK_REPORT),
                 "reference": ("NF4 base" if nf4 is not None else "original base") + " + adapter, unmerged",
-                "checked_sequences": sum(int(b.shape[0]) for b in check[0]) if check else 0,
+                "checked_sequences": sum(int(b.shape[0]) for b in check.batches) if check else 0,
                 "check_data": data if check else None,
                 "seconds": round(time.perf_counter() - start, 3),
             }
@@ -933,7 +1077,12 @@ def merge_command(
         raise UserError(
             f"{e}: nothing written to --out {out}; the adapter or base do not match (see --debug)"
         ) from None
-    error_text = "not verified" if error is None else f"relative logit error {error:.2e} (bound {bound:g})"
+    error_text = "not verified"
+    if result is not None:
+        error_text = (
+            f"relative logit error {error:.2e} (bound {info['bound']:g}); next-token loss {result.merged_loss:.6g}"
+            f" against {result.reference_loss:.6g} unmerged (bound {result.loss_bound:.2g})"
+        )
     log.info(
         "merged %s into %s (%s base, %s, %s) -> %s; %s",
         adapter_dir,
@@ -994,16 +1143,17 @@ def check_sequences(
     return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(count)]
 
 
-def reference_logits(
+def reference_outputs(
     base: str,
     adapter_dir: Path,
     nf4: NF4Rebuild | None,
     compute_dtype: torch.dtype,
     device: torch.device,
     batches: list[torch.Tensor],
-) -> list[torch.Tensor]:
-    """Logits of base + adapter, unmerged (what the merged model must reproduce): the base quantized as
-    ``nf4`` says (the QLoRA model), or in its original weights when ``nf4`` is None. Freed before returning."""
+) -> tuple[list[torch.Tensor], float]:
+    """Logits and mean next-token loss of base + adapter, unmerged (what the merged model must reproduce): the
+    base quantized as ``nf4`` says (the QLoRA model), or in its original weights when ``nf4`` is None. Freed
+    before returning."""
     from transformers import AutoModelForCausalLM
 
     from .config import ModelConfig
@@ -1016,7 +1166,8 @@ def reference_logits(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype, device_map={"": device})
     try:
         model = moe.load_adapter(model, adapter_dir).eval()  # with the expert LoRA of a mixture of experts
-        return logits_of(model, batches)
+        model.requires_grad_(False)  # as after training: the loss is taken the way training took it (chunked)
+        return logits_of(model, batches), loss_of(model, batches)
     finally:
         del model
         gc.collect()

@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .errors import PeerExit, UserError
 from .fsutil import disk_errors, replace_dir
-from .merge import QUANT_META, NF4Rebuild, checkpoint_dtype, logits_of, merge_trained
+from .merge import QUANT_META, NF4Rebuild, checkpoint_dtype, logits_of, loss_of, merge_trained
 from .quant import coverage
 from .report import write_json, write_text_atomic
 from .strategies import Strategy, resolve_strategy
@@ -357,8 +357,13 @@ class QLoRAPlugin:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         check_batches = check_batches or []
-        # The QLoRA model's (NF4 base + adapter) logits: what the merged model must reproduce.
+        from .train import loss_chunk_tokens
+
+        # The QLoRA model's (NF4 base + adapter) logits and next-token loss (the training loss function, as the
+        # run chunks it): what the merged model must reproduce.
+        chunk = loss_chunk_tokens(cfg.train)
         reference = logits_of(unwrapped, check_batches) if cfg.output.merge else []
+        reference_loss = loss_of(unwrapped, check_batches, chunk) if cfg.output.merge and check_batches else None
         per_rank = gather_objects(
             {
                 "base_checksum_after": model_mod.base_checksum(unwrapped, strategy.gathered),
@@ -454,6 +459,8 @@ class QLoRAPlugin:
                     rank=accelerator.process_index,
                     check_device=accelerator.device,
                     reference_dtype=self.compute_dtype,
+                    reference_loss=reference_loss,
+                    chunk_tokens=chunk,
                 )
         report["wall_time_s"] = round(time.perf_counter() - self._start, 3)
         write_json(self.output_dir / "run_report.json", report)

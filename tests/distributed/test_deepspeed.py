@@ -70,6 +70,11 @@ def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())
     assert report["merge"]["merged_by_rank"] == 0 and report["merge"]["rel_logit_error"] <= 1e-4
+    # The reference loss was taken on every rank (under ZeRO-3 the head is gathered for it) and matches the merge.
+    assert (
+        report["merge"]["reference_loss"] > 0
+        and abs(report["merge"]["loss_difference"]) <= report["merge"]["loss_bound"]
+    )
     assert proc.stderr.count("merged the adapter") + proc.stdout.count("merged the adapter") == 1
 
     from peft import PeftModel

@@ -568,6 +568,8 @@ def test_train_single_process_end_to_end(launched):
     merge = report["merge"]
     assert merge is not None and merge["base"] == "dequantized"
     assert merge["rel_logit_error"] is not None and merge["rel_logit_error"] <= 1e-4
+    # The same check in the training loss: QLoRA and merged model's next-token loss, by token_loss_sum.
+    assert merge["reference_loss"] > 0 and abs(merge["loss_difference"]) <= merge["loss_bound"]
     merged = out / "merged"
     assert (merged / "config.json").is_file() and any(merged.glob("*.safetensors"))
     assert not list(merged.glob("*.bin")) and not (out / "merged.tmp").exists()

@@ -97,9 +97,11 @@ def merge_like_finish(
     """What QLoRAPlugin.finish does on one process: reference logits of the QLoRA model in eval, the NF4 base
     dequantized (for ``dequantized``), then ``merge_trained``."""
     model.eval()
-    reference = merge_mod.logits_of(model, check)
+    reference, loss = merge_mod.logits_of(model, check), merge_mod.loss_of(model, check)
     dequantized = merge_mod.dequantized_base_weights(model, DTYPE) if merge_base == "dequantized" else None
-    return merge_mod.merge_trained(adapter_dir, dequantized, str(base_dir), out, DTYPE, tokenizer, check, reference)
+    return merge_mod.merge_trained(
+        adapter_dir, dequantized, str(base_dir), out, DTYPE, tokenizer, check, reference, reference_loss=loss
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -151,6 +153,52 @@ def test_merge_report(trained):
     assert report["rel_logit_error"] is not None and 0 <= report["rel_logit_error"] <= MAX_ERROR
 
 
+@torch.no_grad()
+def hf_mean_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """The mean next-token loss over all tokens of ``batches`` by transformers' own ``labels=`` loss (the full
+    logits), independent of qlora_dist.loss."""
+    model.eval()
+    total = sum(float(model(input_ids=b, labels=b).loss) * (b.shape[1] - 1) for b in batches)
+    return total / sum(b.shape[1] - 1 for b in batches)
+
+
+def test_merge_report_records_both_next_token_losses(trained):
+    """The merge check also takes the next-token loss of base + adapter and of the merged model with the training
+    loss function; both are recorded with their difference and bound, and agree with transformers' own loss."""
+    report = trained.report
+    reference, merged = report["reference_loss"], report["merged_loss"]
+    assert reference == pytest.approx(hf_mean_loss(trained.model, trained.check_batches), rel=1e-5)
+    merged_model = AutoModelForCausalLM.from_pretrained(trained.merged_dir, dtype=DTYPE)
+    assert merged == pytest.approx(hf_mean_loss(merged_model, trained.check_batches), rel=1e-5)
+    assert report["loss_difference"] == merged - reference
+    assert report["loss_bound"] == pytest.approx(merge_mod.LOSS_BOUNDS[DTYPE] * reference)
+    assert abs(report["loss_difference"]) <= report["loss_bound"] and report["verified"] is True
+    # Into the original weights the losses are recorded, not bounded; they differ by the quantization error.
+    original = trained.original_report
+    assert original["reference_loss"] == reference and original["loss_bound"] is None
+    assert abs(original["loss_difference"]) > abs(report["loss_difference"])
+
+
+def test_a_corrupted_merge_fails_the_loss_check(trained, tmp_path, monkeypatch):
+    """Fault injection: the output head written 3x too large (the kind of slip a head-specific scale or cast
+    makes), with the logit bound switched off, so only the loss comparison can catch it: ``qlora-dist merge``
+    refuses, names the loss, and leaves nothing at ``--out``. (The loss moves by ~1e-2 relative, 70x the fp32
+    bound, on both architectures.)"""
+    real = merge_mod._merged_tensor
+
+    def wrong(name, tensor, dtype, nf4, lora, transposed=False):
+        out = real(name, tensor, dtype, nf4, lora, transposed)
+        return out * 3 if name == "lm_head.weight" else out
+
+    monkeypatch.setattr(merge_mod, "_merged_tensor", wrong)
+    monkeypatch.setattr(merge_mod, "MERGE_BOUNDS", dict.fromkeys(merge_mod.MERGE_BOUNDS, float("inf")))
+    out = tmp_path / "corrupted"
+    with pytest.raises(UserError, match="next-token loss of .* over the bound") as caught:
+        merge_mod.merge_command(str(trained.base_dir), str(trained.adapter_dir), out, "dequantized", "auto")
+    assert "relative logit error" not in str(caught.value)  # the loss check alone refused it
+    assert not out.exists() and not out.with_name("corrupted.tmp").exists()
+
+
 def test_merged_model_reproduces_the_qlora_model_independently(trained):
     """Reload the saved merge from disk and compare with the QLoRA model on sequences the merge did not check."""
     merged = AutoModelForCausalLM.from_pretrained(trained.merged_dir, dtype=DTYPE)
@@ -183,6 +231,9 @@ def test_merge_command_reproduces_merge_trained_bit_for_bit(trained, tmp_path):
     out = tmp_path / "standalone"
     info = merge_mod.merge_command(str(trained.base_dir), str(trained.adapter_dir), out, "dequantized", "auto")
     assert info["base"] == "dequantized" and info["dtype"] == "float32"
+    saved = json.loads((out / merge_mod.MERGE_REPORT).read_text())
+    assert saved["verified"] is True and abs(saved["loss_difference"]) <= saved["loss_bound"]
+    assert saved["merged_loss"] == pytest.approx(saved["reference_loss"], rel=merge_mod.LOSS_BOUNDS[DTYPE])
     expected, got = merged_weights(trained.merged_dir), merged_weights(out)
     assert expected.keys() == got.keys()
     for key in expected:
