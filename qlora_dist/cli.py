@@ -203,12 +203,12 @@ def cmd_train(args) -> int:
 
         acquire(Path(config.output.dir))
     # The preflight checks, once per machine (the other local ranks would only repeat them). A failure ends
-    # this process, and the launcher then stops the others. The file-system ones first: a missing data file
-    # or model folder is refused before the heavy libraries are even imported.
+    # this process, and the launcher then stops the others. The cheap ones first: a missing data file, model
+    # folder or a launch contradicting the run config is refused before the heavy libraries are imported.
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        from .doctor import path_checks, run_checks
+        from .doctor import early_checks, run_checks
 
-        _refuse_on_errors(path_checks(config))
+        _refuse_on_errors(early_checks(config))
         _quiet_libraries()
         _refuse_on_errors(run_checks(args.config, args.overrides, config=config))
     else:

@@ -94,11 +94,14 @@ def run_checks(
     return findings
 
 
-def path_checks(cfg: RunConfig) -> list[Finding]:
-    """The checks that read only the file system: the output folder (and a finished run in it), the model
-    folder, the data paths. ``train`` runs them before torch's companions (transformers, datasets, peft) are
-    imported, so a mistyped path is refused in a second or two; :func:`run_checks` runs them again in full."""
+def early_checks(cfg: RunConfig) -> list[Finding]:
+    """The checks that need no library but torch (which loading the config imports): the launch against the
+    run config, and what the file system says (the output folder and a finished run in it, the model folder,
+    the data paths). ``train`` runs them before transformers, datasets or peft are imported, so a mistyped
+    path or a launch that contradicts the run config is refused within seconds; :func:`run_checks` runs them
+    again, in full."""
     findings: list[Finding] = []
+    _run(findings, "launch", lambda: _check_launch(cfg, launch_env(None, None)))
     _run(findings, "output", lambda: _check_output(cfg))
     _run(findings, "model", lambda: _check_model_path(cfg))
     _run(findings, "data", lambda: _check_data_paths(cfg))
