@@ -169,11 +169,11 @@ def loss_worker(model_dir: Path, recipe: str, shape: Shape) -> dict[str, Any]:
     labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100).flatten()
     with LiveBytes({head.weight.untyped_storage().data_ptr(), hidden.untyped_storage().data_ptr()}) as tracker:
         if recipe == "chunked":
-            from qlora_dist.loss import CHUNK_LOGIT_BYTES, HeadSpec, _ChunkedLoss
+            from qlora_dist.loss import HeadSpec, _ChunkedLoss, auto_chunk_tokens
 
             spec = HeadSpec.of(model)
             rows = (labels != -100).nonzero().squeeze(1)
-            chunk = max(1, CHUNK_LOGIT_BYTES // (4 * shape.vocab))
+            chunk = auto_chunk_tokens(shape.vocab)
             loss = _ChunkedLoss.apply(hidden.flatten(0, 1).index_select(0, rows), labels[rows], spec, chunk)
         else:
             logits = head(hidden)

@@ -90,7 +90,7 @@ while state.step < total_steps:
         scheduler.step()
         state.step += 1
         steps_this_launch += 1
-        state.epoch_position += world * sum(b["input_ids"].shape[0] for b in micro_batches)  # examples consumed
+        state.epoch_position += plugin.examples_in_step(train_data, state.epoch_position, world)  # all ranks
         # Rank 0's share of the loss, per label token of the global batch (x world for the whole batch's mean).
         row = {"step": state.step, "loss": loss_sum * world / max(targets, 1.0), "lr": scheduler.get_last_lr()[0]}
         metrics.write({**row, "grad_norm": grad_norm})

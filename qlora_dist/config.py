@@ -201,7 +201,7 @@ class TrainConfig:
     """Take the loss from the final hidden states in chunks, never holding the full-vocabulary logits (false:
     the model's own full logits)."""
     loss_chunk_tokens: int = 0
-    """Tokens per chunk of the chunked loss; 0 picks it from the vocabulary size (about 32 MiB of float32
+    """Tokens per chunk of the chunked loss; 0 picks it from the vocabulary size (about 64 MiB of float32
     logits per chunk)."""
     eval_steps: int = 0
     """Evaluate every this many optimizer steps (0: only at the end). Needs data.eval_fraction > 0."""

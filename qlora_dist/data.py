@@ -959,71 +959,71 @@ def split_by_tokens(
     ``world_size``), so that the ranks' padded tokens (rows x longest row, summed over their micro-batches) are
     about equal: no rank waits in the gradient all-reduce for one that pads to a longer example.
 
-    Every rank keeps the same number of examples (``len(block) / world_size``: the run counts its position in
-    the epoch by it) and of micro-batches (``grad_accum``, fewer only when a rank has fewer examples); the
-    number of rows per micro-batch is free. Examples go longest first, each to the rank where it adds least
-    to that rank's padded total (a new micro-batch costs the example's length, a row in an existing one that
-    micro-batch's longest), never making a micro-batch costlier than the count split can
-    (``ceil(examples per rank / micro-batches)`` rows of the block's longest example), so memory stays
-    within the plan. Ties go to the lower rank and micro-batch: a pure function of its arguments.
+    Every rank gets the same number of micro-batches, ``min(grad_accum, len(block) / world_size)`` (FSDP2 and
+    ZeRO run collectives in every forward, so every rank must run as many), none empty; how many examples a
+    rank takes is free, so a rank holding a long outlier is matched by one holding many short examples.
+
+    The examples, longest first, are cut into that many micro-batches in all, each a contiguous run (similar
+    lengths together: little padding), with the largest padded size as small as it can be (a binary search on
+    it, filling greedily); so the micro-batches cost about the same, and each rank, taking as many of them,
+    the costliest first to the rank with the smallest total, pads to about the same total. No micro-batch is
+    larger than the count split's can be (its rows of the block's longest example), so memory stays within
+    the plan. A pure function of its arguments (ties go to the earlier micro-batch and the lower rank).
     """
     ordered = sorted(block, key=lambda i: (-lengths[i], i))
-    quota = len(ordered) // world_size
-    if quota * world_size != len(ordered) or not ordered:
+    per_rank = len(ordered) // world_size
+    if per_rank * world_size != len(ordered) or not ordered:
         raise ValueError(f"a block of {len(ordered)} examples does not split over {world_size} ranks")
-    bins = bins_per_rank = min(grad_accum, quota)
-    cap = math.ceil(quota / bins) * max(1, lengths[ordered[0]])
-    out: list[list[list[int]]] = [[[] for _ in range(bins)] for _ in range(world_size)]
-    longest = [[0] * bins for _ in range(world_size)]
-    total, count = [0] * world_size, [0] * world_size
-    for i in ordered:
-        n = max(1, lengths[i])
-        best = None  # (new rank total, rank, micro-batch, cost)
-        for r in range(world_size):
-            if count[r] == quota:
-                continue
-            options = [
-                (n if not out[r][b] else longest[r][b], b)
-                for b in range(bins)
-                if not out[r][b] or (len(out[r][b]) + 1) * longest[r][b] <= cap
-            ]
-            # An empty micro-batch is always the cheapest (examples come longest first), so none stays empty.
-            cost, b = min(options, key=lambda o: (o[0], bool(out[r][o[1]]), o[1]))
-            if best is None or total[r] + cost < best[0]:
-                best = (total[r] + cost, r, b, cost)
-        _, r, b, cost = best
-        out[r][b].append(i)
-        longest[r][b] = max(longest[r][b], n)
-        total[r] += cost
-        count[r] += 1
-    # The greedy fill opens micro-batches too eagerly (a medium example alone makes every later row cost its
-    # length): given each rank's examples, cut them again into its micro-batches at the cheapest places.
-    return [_cheapest_cut([i for b in bins for i in b], lengths, bins_per_rank, cap) for bins in out]
+    bins = min(grad_accum, per_rank)
+    size = [max(1, lengths[i]) for i in ordered]
+    parts_wanted = world_size * bins
+
+    def cut(limit: int) -> list[tuple[int, int]]:
+        """Greedy contiguous runs of padded size <= limit (each run pads to its first, longest, row)."""
+        runs, i = [], 0
+        while i < len(size):
+            end = min(len(size), i + max(1, limit // size[i]))
+            runs.append((i, end))
+            i = end
+        return runs
+
+    # The count split's micro-batches (ceil(per_rank / bins) rows of the longest) always fit in `parts_wanted`.
+    low, high = size[0], math.ceil(per_rank / bins) * size[0]
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(cut(mid)) <= parts_wanted else (mid + 1, high)
+    runs = cut(low)
+    cost = lambda run: (run[1] - run[0]) * size[run[0]]  # noqa: E731
+    while len(runs) < parts_wanted:  # fewer runs than micro-batches: halve the costliest (never costlier)
+        k = max(range(len(runs)), key=lambda j: (cost(runs[j]) * (runs[j][1] - runs[j][0] > 1), -j))
+        a, b = runs[k]
+        runs[k : k + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    # The greedy fill leaves the last runs short (the rest of the examples); even the costs out by moving each
+    # boundary between neighbours to where the costlier of the two is cheapest (the largest never grows).
+    for _ in range(2 * len(runs)):
+        moved = False
+        for j in range(len(runs) - 1):
+            (a, m), (_, b) = runs[j], runs[j + 1]
+            best = min(range(a + 1, b), key=lambda x: (max((x - a) * size[a], (b - x) * size[x]), abs(x - m)))
+            if best != m:
+                runs[j], runs[j + 1], moved = (a, best), (best, b), True
+        if not moved:
+            break
+    out: list[list[list[int]]] = [[] for _ in range(world_size)]
+    total = [0] * world_size
+    for k in sorted(range(len(runs)), key=lambda j: (-cost(runs[j]), j)):
+        r = min((r for r in range(world_size) if len(out[r]) < bins), key=lambda r: (total[r], r))
+        out[r].append(ordered[runs[k][0] : runs[k][1]])
+        total[r] += cost(runs[k])
+    return out
 
 
-def _cheapest_cut(items: list[int], lengths: Sequence[int], bins: int, cap: int) -> list[list[int]]:
-    """``items`` sorted longest first, cut into ``bins`` non-empty contiguous micro-batches minimising the sum
-    of their padded sizes (rows x first row's length), none above ``cap`` (dynamic programming)."""
-    items = sorted(items, key=lambda i: (-lengths[i], i))
-    size = [max(1, lengths[i]) for i in items]
-    n, inf = len(items), float("inf")
-    best = [[inf] * (n + 1) for _ in range(bins + 1)]
-    cut = [[0] * (n + 1) for _ in range(bins + 1)]
-    best[0][0] = 0
-    for j in range(1, bins + 1):
-        for end in range(j, n + 1):
-            for begin in range(j - 1, end):
-                cost = (end - begin) * size[begin]
-                if cost <= cap and best[j - 1][begin] + cost < best[j][end]:
-                    best[j][end], cut[j][end] = best[j - 1][begin] + cost, begin
-    if best[bins][n] == inf:  # cannot happen with the greedy's own cap; keep its cut
-        raise RuntimeError("no cut of the micro-batches within the cap")
-    out, end = [], n
-    for j in range(bins, 0, -1):
-        begin = cut[j][end]
-        out.append(items[begin:end])
-        end = begin
-    return out[::-1]
+def examples_in_step(n: int, start: int, global_batch: int, world_size: int) -> int:
+    """How many examples of the epoch's order the optimizer step at position ``start`` consumes: the global
+    batch, or what is left of the epoch (cut to a multiple of the world size), whichever is smaller. The same
+    for the count split and the token-balanced one, whose ranks take different numbers of examples."""
+    rest = max(0, n - start)
+    return min(global_batch, rest - rest % world_size)
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -307,6 +307,8 @@ class ModelLayout:
     """Fused MoE expert matrices, quantized per expert by qlora_dist (not by transformers)."""
     rows: dict[str, int] = field(default_factory=dict)
     """Dimension 0 of each unquantized parameter (FSDP2 shards every parameter along it)."""
+    logit_softcap: bool = False
+    """The head soft-caps its logits (Gemma 2/3): the chunked loss keeps the cap's slope per entry too."""
 
     @property
     def total_params(self) -> int:
@@ -408,6 +410,7 @@ def model_layout(name_or_path: str, trust_remote_code: bool = False) -> ModelLay
         checkpoint_dtype=str(ckpt_dtype).replace("torch.", ""),
         experts=experts,
         rows=rows,
+        logit_softcap=bool(getattr(text_cfg, "final_logit_softcapping", None)),
     )
     return layout
 
@@ -576,8 +579,9 @@ def activation_bytes(
     fp32 log-softmax at the end of forward, or the log-softmax with two fp32 gradients at the start of backward
     (``12 V`` per token). With the chunked loss (``loss_chunk`` tokens, :mod:`qlora_dist.loss`) no token holds
     logits: each labelled token keeps a copy of its final hidden row and that row's gradient (``2 h e``), and one
-    chunk at a time holds its logits, their fp32 copy, log-softmax and gradient (``e + 12`` per vocabulary entry
-    and chunk token). The result is the largest of: end of forward, start of backward, and backward through
+    chunk at a time holds its logits, their fp32 copy (in which the gradient is then made in place), a
+    soft-cap's slope and the gradient cast back for the matmul (``e + 4`` per vocabulary entry and chunk
+    token, 4 more with a soft-cap). The result is the largest of: end of forward, start of backward, and backward through
     a decoder layer (saved tensors plus transient gradients and one dequantized weight), plus the padding-aware
     attention mask every layer shares (``b x s x s``, bool and compute dtype). Not counted: the rotary tables
     (shared, small) and kernels' own workspaces. ``seq_len`` is ``data.max_length``, the longest a batch can be.
@@ -605,7 +609,9 @@ def activation_bytes(
     fixed = largest_weight * e + attention_mask
     if loss_chunk is not None:
         chunk = min(tokens, loss_chunk)
-        loss_moment = tokens * (kept + final_norm + 2 * h * e + inputs) + chunk * v * (e + 12)
+        loss_moment = tokens * (kept + final_norm + 2 * h * e + inputs) + chunk * v * (
+            e + 4 + (4 if layout.logit_softcap else 0)
+        )
         return max(loss_moment, tokens * (through_layer + inputs)) + fixed
     logits_forward = v * (e + (e if micro_batch > 1 else 0) + (4 if e != 4 else 0) + 4)
     logits_backward = v * max(12, 4 + 2 * e)
@@ -749,9 +755,9 @@ def plan_memory(
 
     loss_chunk = None
     if config.train.chunked_loss:
-        from .loss import CHUNK_LOGIT_BYTES
+        from .loss import auto_chunk_tokens
 
-        loss_chunk = config.train.loss_chunk_tokens or max(1, CHUNK_LOGIT_BYTES // (4 * max(layout.vocab, 1)))
+        loss_chunk = config.train.loss_chunk_tokens or auto_chunk_tokens(layout.vocab)
     ckpt = config.train.gradient_checkpointing
     overhead = CUDA_OVERHEAD if device == "cuda" else 0
     per_gpu = {

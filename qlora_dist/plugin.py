@@ -334,6 +334,15 @@ class QLoRAPlugin:
         for s in range(0, len(micro), t.grad_accum):
             yield [self._batch(dataset, idx, pad_id) for idx in micro[s : s + t.grad_accum]]
 
+    def examples_in_step(self, dataset, start: int, world_size: int) -> int:
+        """Examples (all ranks together) the optimizer step at epoch position ``start`` consumes: add it to
+        ``epoch_position`` after each step. Not ``world_size x`` this rank's rows: with ``data.balance_tokens``
+        the ranks take different numbers of examples."""
+        t = self.config.train
+        return data_mod.examples_in_step(
+            len(dataset), start, t.micro_batch_size * t.grad_accum * world_size, world_size
+        )
+
     @staticmethod
     def _batch(dataset, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         batch = data_mod.collate([dataset[i] for i in indices], pad_id)

@@ -21,6 +21,10 @@ GPUs, and all nodes meet at the first node of the allocation. The pieces that ar
   each node runs ``--processes-per-node`` processes (default 1).
 - Whether to requeue is decided from that marker, never from srun's exit status: torchrun exits 1 even when its
   workers saved and exited cleanly. ``DONE`` means the run finished.
+- A warning that reaches the run outside its training loop (still loading a large base, or writing its final
+  files) makes it exit at once without a checkpoint; the script requeues the job then too, so the next
+  allocation resumes from the last checkpoint. It leaves :data:`STARTUP_STOP` in ``output.dir``; a second such
+  stop in a row (the allocation too short ever to reach the loop) is not requeued but reported.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import yaml
 from .errors import UserError
 
 DEFAULT_LAUNCH_CONFIG = "launch_configs/multi_gpu_ddp.yaml"
+STARTUP_STOP = ".slurm_stopped_outside_loop"
+"""Left in ``output.dir`` by the batch script when the time-limit warning stopped the run outside its training
+loop and the job was requeued; removed once a run checkpoints (``PREEMPTED``) or finishes (``DONE``)."""
 PORT_BASE, PORT_SPAN = 20000, 20000  # main port = PORT_BASE + SLURM_JOB_ID % PORT_SPAN
 
 
@@ -179,6 +186,7 @@ def sbatch_script(job: SlurmJob) -> str:
         "@PORT_SPAN@": str(PORT_SPAN),
         "@SRUN_OPTIONS@": " ".join(srun_options),
         "@OVERRIDES@": overrides,
+        "@STARTUP_STOP@": STARTUP_STOP,
     }
     # One pass, so that a value which happens to contain a placeholder is left alone.
     return re.sub(r"@[A-Z_]+@", lambda m: fills.get(m.group(0), m.group(0)), _TEMPLATE)
@@ -385,6 +393,7 @@ if [ -e "$OUTPUT_DIR/PREEMPTED" ] && [ "$terminated" = 1 ]; then
     "it from here; submit this script again to resume if SLURM does not" >&2
   exit 0
 fi
+if [ -e "$OUTPUT_DIR/PREEMPTED" ] || [ -e "$OUTPUT_DIR/DONE" ]; then rm -f "$OUTPUT_DIR/@STARTUP_STOP@"; fi
 if [ -e "$OUTPUT_DIR/PREEMPTED" ]; then
   echo "qlora-dist slurm: the run checkpointed and stopped (PREEMPTED): requeueing job $SLURM_JOB_ID"
   if scontrol requeue "$SLURM_JOB_ID"; then
@@ -396,6 +405,26 @@ fi
 if [ -e "$OUTPUT_DIR/DONE" ]; then
   echo "qlora-dist slurm: the run finished (DONE)"
   exit 0
+fi
+if [ "$stop_requested" = 1 ] && [ "$terminated" = 0 ]; then
+  # The time-limit warning came while the run was outside its training loop (still loading the base, or
+  # writing its final files): it exited at once, as it must, with no checkpoint from this allocation. Requeue:
+  # the next one resumes from the last checkpoint (and loads the base from the quantize-once cache). Twice in
+  # a row would mean every allocation ends the same way: stop then.
+  if [ -e "$OUTPUT_DIR/@STARTUP_STOP@" ]; then
+    rm -f "$OUTPUT_DIR/@STARTUP_STOP@"
+    echo "qlora-dist slurm: the time-limit warning came before the run reached its training loop, as in the" \
+      "previous allocation: not requeueing (each allocation would end the same way); give the job more --time" >&2
+    exit 1
+  fi
+  mkdir -p "$OUTPUT_DIR" && : > "$OUTPUT_DIR/@STARTUP_STOP@"
+  echo "qlora-dist slurm: the time-limit warning came while the run was outside its training loop; it exited" \
+    "without a checkpoint: requeueing job $SLURM_JOB_ID to resume from its last checkpoint"
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0
+  fi
+  echo "qlora-dist slurm: scontrol requeue failed: submit this script again to resume" >&2
+  exit 1
 fi
 echo "qlora-dist slurm: srun exited with status $status and the run left neither PREEMPTED nor DONE" >&2
 exit "$status"

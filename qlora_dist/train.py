@@ -19,7 +19,7 @@ from .checkpoint import TrainState
 from .config import RunConfig
 from .data import collate
 from .distributed import all_reduce_sum, peak_memory_bytes
-from .loss import real_token_count, target_count, token_loss_sum
+from .loss import loss_path, real_token_count, target_count, token_loss_sum
 from .plugin import QLoRAPlugin
 from .preemption import StopSignal
 from .progress import Progress
@@ -93,7 +93,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
             state.step += 1
-            state.epoch_position += world * sum(int(b["input_ids"].shape[0]) for b in micro_batches)
+            state.epoch_position += plugin.examples_in_step(train_data, state.epoch_position, world)
             state.initial_loss = loss if state.initial_loss is None else state.initial_loss
             state.tokens += step_tokens
             if state.epoch == 0:
@@ -147,6 +147,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "train_seconds": round(state.train_seconds, 3),
         "resumed_from_step": resumed_from_step,
+        "loss": loss_path(model),  # "chunked", or "full logits: <why>" (qlora_dist.loss)
     }
     if accelerator.is_main_process:
         plot_loss(metrics.rows, plugin.output_dir / "loss.png")

@@ -183,6 +183,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, tiny_llama_dir, sm
     # by tests/unit/test_cli_errors.py's end-to-end run and the model zoo's).
     assert r1["distributed_type"] == "NO" and r1["steps"] == common["max_steps"]
     assert r1["grad_sync_bytes_per_step"] == 0 and r1["comm_seconds_per_step"] == [0.0]
+    assert r2["loss"] == "chunked"
+    assert r1["loss"] == ("full logits: train.chunked_loss is false" if packing else "chunked")
     if packing:  # several examples per row, so the per-example attention path really ran
         assert r1["num_examples"] == r2["num_examples"] < 64 // 2
     assert r1["initial_loss"] == pytest.approx(r2["initial_loss"], rel=1e-6)

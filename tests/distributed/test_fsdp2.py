@@ -68,6 +68,7 @@ def test_fsdp2_run_invariants(main_run, tiny_llama_dir):
     out, report, proc, _ = main_run
     assert report["world_size"] == 2 and report["strategy"] == "fsdp2"
     assert report["optimizer"] == "adamw" and report["quant_storage_dtype"] == "uint8"
+    assert report["loss"] == "chunked"  # the full-vocabulary logits never existed, under fully_shard too
     # Exactly the LoRA gradients are all-reduced once per optimizer step (fp32).
     assert report["grad_sync_bytes_per_step"] == report["trainable_grad_bytes"]
     # The base moves: each of the 2 micro-steps gathers every layer in forward and again in backward
@@ -172,9 +173,9 @@ def test_fsdp2_equals_single_process_and_eval_changes_nothing(
     """
     out, report, _, _ = main_run
     single = _cfg(tmp_path, "single", tiny_llama_dir, small_alpaca, data=DATA, output={"merge": False},
-                  train={**TRAIN, "micro_batch_size": 8, "eval_steps": 0, "chunked_loss": False})  # fmt: skip
-    # chunked_loss false: FSDP2 takes the loss from the full logits (qlora_dist.loss), so the reference does too;
-    # the chunked loss against full logits differs in the last bits, which AdamW amplifies past atol 1e-6.
+                  train={**TRAIN, "micro_batch_size": 8, "eval_steps": 0})  # fmt: skip
+    # Both take the chunked loss (the FSDP2 one through the sharded head); the chunked loss against full logits
+    # differs in the last bits, which AdamW amplifies past atol 1e-6.
     _train(single, cache_dir, "single_gpu.yaml", 1)
     reference = read_report(tmp_path / "single")
     assert (reference["world_size"], reference["strategy"], report["world_size"]) == (1, "single", 2)

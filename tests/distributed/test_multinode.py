@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qlora_dist.slurm import SlurmJob, sbatch_script
+from qlora_dist.slurm import STARTUP_STOP, SlurmJob, sbatch_script
 
 from .conftest import LAUNCH_CONFIGS, REPO, free_port, read_report, run_env, write_run_config
 from .slurm_cluster import assert_probe, wait_probe_started, write_probe
@@ -314,9 +314,42 @@ def test_usr1_becomes_one_sigterm_to_the_steps(tmp_path, cache_dir):
     lines = stub_log(env).splitlines()
     assert lines.count(f"scancel --signal=TERM {env['SLURM_JOB_ID']}") == 1, (lines, tail(log))
     assert sorted(line for line in lines if "got" in line) == ["task 0 got TERM", "task 1 got TERM"], lines
-    assert proc.returncode == 0, tail(log)  # srun's status: no marker either way
+    # The tasks exited without a marker (as a run still loading its base does): requeued once, noted.
+    assert lines.count(f"requeue {env['SLURM_JOB_ID']}") == 1, (lines, tail(log))
+    assert proc.returncode == 0, tail(log)
+    assert (tmp_path / "out" / STARTUP_STOP).is_file(), tail(log)
     text = log.read_text()
     assert "main n1 at 127.0.0.1:" in text and "node 0 of 2" in text and "node 1 of 2" in text, text
+
+
+def test_a_second_warning_outside_the_loop_in_a_row_is_not_requeued(tmp_path, cache_dir):
+    """The previous allocation was also stopped before the training loop: an allocation too short ever to
+    reach it would requeue forever, so the script stops and says why."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / STARTUP_STOP).write_text("")
+    task = '#!/bin/bash\ntrap "exit 143" TERM\necho "task $SLURM_NODEID ready" >> "$STUB_LOG"\n'
+    task += "while :; do sleep 0.05; done\n"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(task)
+    (bin_dir / "accelerate").chmod(0o755)
+    env = slurm_env(tmp_path, write_stubs(bin_dir), cache_dir)
+    log = tmp_path / "job.log"
+    proc = start_batch(write_script(tmp_path, _valid_config(tmp_path)), env, log)
+    try:
+        deadline = time.monotonic() + 30
+        while stub_log(env).count("ready") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_all([proc], 30)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 1, tail(log)
+    assert "requeue" not in stub_log(env).replace("scancel", ""), stub_log(env)
+    assert "as in the previous allocation: not requeueing" in log.read_text(), tail(log)
+    assert not (tmp_path / "out" / STARTUP_STOP).exists()
 
 
 def test_preempted_marker_requeues_whatever_srun_exits_with(tmp_path, cache_dir):

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_dist.checkpoint import checkpoints_dir
-from qlora_dist.slurm import SlurmJob, sbatch_script
+from qlora_dist.slurm import STARTUP_STOP, SlurmJob, sbatch_script
 
 from .conftest import LAUNCH_CONFIGS, read_report, run_env, write_run_config
 from .slurm_cluster import SlurmCluster, assert_probe, ensure_slurm, wait_probe_started, write_probe
@@ -176,8 +176,9 @@ def jobs(cluster, tmp_path_factory, tiny_llama_dir, small_alpaca, cache_dir) -> 
 # slurmctld looks at time limits about every 30 s, so the warning comes 30-60 s into a 1-minute job.
 TIMED_SIGNAL_S = 45
 FAKE_ACCELERATE = """#!/bin/bash
-# Stand-in for `accelerate launch ... -m qlora_dist train`: the first allocation waits for SIGTERM and leaves
-# PREEMPTED as a stopped run does; a requeued one finishes (DONE) at once.
+# Stand-in for `accelerate launch ... -m qlora_dist train`: the first allocation waits for SIGTERM and exits
+# without a marker, as a run still loading its base does (the real run's stop in its loop, with PREEMPTED, is
+# the `stopped` job's); a requeued one finishes (DONE) at once.
 log="$FAKE_OUT/../fake-$SLURM_NODEID.log"
 mkdir -p "$FAKE_OUT"
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
@@ -186,7 +187,7 @@ if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
   exit 0
 fi
 trap 'echo "got USR1" >> "$log"' USR1
-trap 'echo "got TERM" >> "$log"; if [ "$SLURM_NODEID" = 0 ]; then echo "{\"step\": 1, \"signal\": \"SIGTERM\"}" > "$FAKE_OUT/PREEMPTED"; fi; exit 1' TERM
+trap 'echo "got TERM" >> "$log"; exit 143' TERM
 echo "allocation 0: waiting" >> "$log"
 while :; do sleep 0.2; done
 """
@@ -200,8 +201,9 @@ def write_fake_accelerate(folder: Path) -> Path:
 
 
 def test_time_limit_warning_stops_the_steps_and_requeues(cluster, jobs):
-    """--signal=B:USR1@45 with --time=1: the batch shell is warned, the tasks get SIGTERM (never USR1), the job
-    is requeued before its limit, and the next allocation runs."""
+    """--signal=B:USR1@45 with --time=1: the batch shell is warned, the tasks get SIGTERM (never USR1) while
+    the run is still starting (it exits without a checkpoint), the job is requeued before its limit, and the next
+    allocation runs."""
     job = jobs["timed"]
     info = cluster.wait_finished(job.id, 150)
     detail = job.detail(info)
@@ -211,7 +213,9 @@ def test_time_limit_warning_stops_the_steps_and_requeues(cluster, jobs):
         assert lines == ["allocation 0: waiting", "got TERM", "allocation 1: done"], (node, lines, detail)
     stdout, stderr = job.logs()
     assert "SIGUSR1: SIGTERM to the steps of job" in stderr and f"requeueing job {job.id}" in stdout, detail
+    assert "outside its training loop; it exited without a checkpoint" in stdout, detail
     assert "DUE TO TIME LIMIT" not in stderr and (job.out / "DONE").is_file(), detail
+    assert not (job.out / STARTUP_STOP).exists(), detail  # the requeued allocation finished: the note is gone
 
 
 def test_stopped_three_ways_resumes_to_the_same_adapter(cluster, jobs):

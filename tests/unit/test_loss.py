@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
 from qlora_dist import loss as loss_mod
 from qlora_dist.data import collate, pack_examples
@@ -36,6 +36,10 @@ CONFIGS = {
         **_COMMON, head_dim=16, tie_word_embeddings=True, final_logit_softcapping=0.5, attn_implementation="eager"
     ),
     "qwen2": lambda: Qwen2Config(**_COMMON, use_sliding_window=False),
+    # A final-logit scale: multiplied (Cohere's logit_scale) or divided (Granite's logits_scaling); values far
+    # from 1 so a scale applied wrongly in the hand-written gradient shows.
+    "cohere_scale": lambda: CohereConfig(**_COMMON, logit_scale=4.0, tie_word_embeddings=False),
+    "granite_scale": lambda: GraniteConfig(**_COMMON, logits_scaling=0.25),
 }
 
 
@@ -91,6 +95,21 @@ def test_chunked_loss_equals_full_logits(arch, packed):
     full = loss_and_grads(model, batch, None)
     for chunk in (0, 5):  # automatic (one chunk here), and chunks that split rows and sequences
         assert_same(full, loss_and_grads(model, batch, chunk))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2_tied_softcap"])
+def test_chunked_loss_in_bfloat16(arch):
+    """bfloat16 models (how GPUs train): the model rounds its logits to bfloat16 before the loss upcasts them,
+    and the chunked loss rounds them the same way; its gradient through the head is taken in float32 where
+    autograd works in bfloat16, so the two agree to bfloat16's precision, not to the last bit."""
+    model = lora_model(CONFIGS[arch]()).to(torch.bfloat16)
+    batch = padded_batch()
+    (loss0, grads0), (loss1, grads1) = loss_and_grads(model, batch, None), loss_and_grads(model, batch, 5)
+    assert loss1 == pytest.approx(loss0, rel=1e-3)
+    for name, g0 in grads0.items():
+        g0, g1 = g0.float().flatten(), grads1[name].float().flatten()
+        assert float(g0.abs().max()) > 0, name
+        assert float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)) > 0.999, name
 
 
 def test_chunked_loss_on_an_nf4_base(tiny_llama_dir):
