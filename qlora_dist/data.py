@@ -25,6 +25,7 @@ from the end of the previous one.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -952,6 +953,9 @@ def balanced_step_batches(
         yield split_by_tokens(rest[begin : begin + global_batch], lengths, world_size, grad_accum)[rank]
 
 
+_BALANCE_SWEEPS = 8
+
+
 def split_by_tokens(
     block: Sequence[int], lengths: Sequence[int], world_size: int, grad_accum: int
 ) -> list[list[list[int]]]:
@@ -994,15 +998,21 @@ def split_by_tokens(
         low, high = (low, mid) if len(cut(mid)) <= parts_wanted else (mid + 1, high)
     runs = cut(low)
     cost = lambda run: (run[1] - run[0]) * size[run[0]]  # noqa: E731
-    while len(runs) < parts_wanted:  # fewer runs than micro-batches: halve the costliest (never costlier)
-        k = max(range(len(runs)), key=lambda j: (cost(runs[j]) * (runs[j][1] - runs[j][0] > 1), -j))
-        a, b = runs[k]
-        runs[k : k + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    # Fewer runs than micro-batches: halve the costliest run of two or more rows (never costlier) until enough.
+    heap = [(-cost(run), run) for run in runs if run[1] - run[0] > 1]
+    heapq.heapify(heap)
+    singles = [run for run in runs if run[1] - run[0] == 1]
+    while len(heap) + len(singles) < parts_wanted:
+        _, (a, b) = heapq.heappop(heap)
+        for half in ((a, (a + b) // 2), ((a + b) // 2, b)):
+            (heapq.heappush(heap, (-cost(half), half)) if half[1] - half[0] > 1 else singles.append(half))
+    runs = sorted([run for _, run in heap] + singles)
     # The greedy fill leaves the last runs short (the rest of the examples); even the costs out by moving each
-    # boundary between neighbours to where the costlier of the two is cheapest (the largest never grows).
-    for _ in range(2 * len(runs)):
+    # boundary between neighbours to where the costlier of the two is cheapest (the largest never grows). A few
+    # sweeps, alternating direction, do most of it; all ranks compute this every step, so it must stay cheap.
+    for sweep in range(_BALANCE_SWEEPS):
         moved = False
-        for j in range(len(runs) - 1):
+        for j in range(len(runs) - 1) if sweep % 2 == 0 else range(len(runs) - 2, -1, -1):
             (a, m), (_, b) = runs[j], runs[j + 1]
             best = min(range(a + 1, b), key=lambda x: (max((x - a) * size[a], (b - x) * size[x]), abs(x - m)))
             if best != m:
@@ -1010,11 +1020,12 @@ def split_by_tokens(
         if not moved:
             break
     out: list[list[list[int]]] = [[] for _ in range(world_size)]
-    total = [0] * world_size
+    open_ranks = [(0, r) for r in range(world_size)]  # (padded total, rank) of ranks with room for a run
     for k in sorted(range(len(runs)), key=lambda j: (-cost(runs[j]), j)):
-        r = min((r for r in range(world_size) if len(out[r]) < bins), key=lambda r: (total[r], r))
+        total, r = heapq.heappop(open_ranks)
         out[r].append(ordered[runs[k][0] : runs[k][1]])
-        total[r] += cost(runs[k])
+        if len(out[r]) < bins:
+            heapq.heappush(open_ranks, (total + cost(runs[k]), r))
     return out
 
 

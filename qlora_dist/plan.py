@@ -772,10 +772,13 @@ def plan_memory(
     per_gpu["activations_with_checkpointing"] = activations(config.train.micro_batch_size, True)
     per_gpu["activations_without_checkpointing"] = activations(config.train.micro_batch_size, False)
     per_gpu["optimizer_paged"] = state["paged"]
-    # FSDP2 here loads and quantizes the whole base on every device before sharding it: that moment can be
-    # the peak (DDP's weights, no training state yet).
-    replica = _weight_bytes(config, layout, dataclasses.replace(place, fsdp2=False), compute, lora)
-    per_gpu["load_peak"] = replica["nf4_weights"] + replica["unquantized"] + overhead if place.fsdp2 else 0
+    # FSDP2 here, and ZeRO-3 too (transformers 5.x builds a quantized model on the meta device, never under
+    # deepspeed.zero.Init, and bitsandbytes places it on this rank's device; DeepSpeed partitions it only in
+    # deepspeed.initialize), load and quantize the whole base on every device before sharding it: that moment
+    # can be the peak (DDP's weights, no training state yet).
+    replica = _weight_bytes(config, layout, dataclasses.replace(place, fsdp2=False, zero3=False), compute, lora)
+    whole_first = place.fsdp2 or place.zero3
+    per_gpu["load_peak"] = replica["nf4_weights"] + replica["unquantized"] + overhead if whole_first else 0
 
     per_node = -(-world // max(1, launch.num_machines))
     offloaded = weights["host"] + state["host"]
@@ -811,8 +814,11 @@ def plan_memory(
         host=host,
         notes=_notes(config, launch, state, ds)
         + (
-            [f"fsdp2 loads the whole 4-bit base on each GPU before sharding it: {per_gpu['load_peak'] / GIB:.2f} GiB"]
-            if place.fsdp2
+            [
+                f"{launch.strategy} loads the whole 4-bit base on each GPU before sharding it: "
+                f"{per_gpu['load_peak'] / GIB:.2f} GiB"
+            ]
+            if whole_first
             else []
         ),
     )

@@ -143,6 +143,7 @@ class QLoRAPlugin:
                 attn_implementation=attn,
             )
 
+        cache_root, not_cached = self._base_cache_root()
         base, how = base_cache.load_base(
             load,
             cfg.model.name_or_path,
@@ -150,9 +151,10 @@ class QLoRAPlugin:
             quant,
             self.compute_dtype,
             accelerator.device,
-            self._base_cache_root(device_map),
+            cache_root,
             accelerator.is_local_main_process,
             accelerator.wait_for_everyone,
+            not_cached,
         )
         self.facts["base_load"] = base_cache.report(how)
         # ...and measured on what was loaded: the figure the report gives, and the same rule applied to it.
@@ -174,25 +176,12 @@ class QLoRAPlugin:
         )
         return model, tokenizer
 
-    def _base_cache_root(self, device_map) -> Path | None:
-        """Where the quantized base is cached (None: not cached; ZeRO-3 partitions the base while it loads)."""
+    def _base_cache_root(self) -> tuple[Path | None, str | None]:
+        """Where the quantized base is cached, or (None, why it is not)."""
         if not self.config.quant.cache:
-            return None
-        if device_map is None:
-            log.info("quantized-base cache not used: ZeRO-3 partitions the base while it loads")
-            return None
-        from .quant import moe
-
-        if moe.fused_experts(model_mod.meta_model(self.config.model)):
-            # NF4 experts are qlora_dist's own format (quant/moe.py): a pre-quantized transformers load of the
-            # saved folder would not restore them, so every rank quantizes its experts from the checkpoint.
-            log.info("quantized-base cache not used: NF4 mixture-of-experts weights are quantized at every load")
-            return None
-        return (
-            Path(self.config.quant.cache_dir).expanduser()
-            if self.config.quant.cache_dir
-            else default_cache_dir() / "nf4"
-        )
+            return None, "quant.cache is false"
+        root = Path(self.config.quant.cache_dir).expanduser() if self.config.quant.cache_dir else None
+        return root or default_cache_dir() / "nf4", None
 
     def load_data(self, accelerator, tokenizer):
         """Tokenized (train, eval) data sets; the local main process tokenizes first, the others read its cache.

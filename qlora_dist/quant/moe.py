@@ -26,8 +26,10 @@ Mixtral's bytes. This module closes that gap at load time, the way a module swap
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -161,22 +163,37 @@ class NF4Experts(nn.Module):
     is called as ``lora(matrix, expert, x)`` and returns the low-rank update added to that matrix's output.
     """
 
-    def __init__(self, source: nn.Module, quant_type: str, double_quant: bool, storage: torch.dtype, compute):
+    def __init__(
+        self,
+        source_class: type,
+        act_fn: nn.Module,
+        weights: dict[str, tuple[torch.Tensor, ExpertsQuantState]],
+        compute: torch.dtype,
+    ):
+        """Already packed ``weights`` (``{matrix: (packed, state)}``); :meth:`quantize` makes them."""
         super().__init__()
-        gate_up = source.gate_up_proj
-        self.num_experts = int(gate_up.shape[0])
-        self.source_class = type(source)  # the transformers class it replaced (tests rebuild it to compare)
-        self.act_fn = source.act_fn
+        self.num_experts = int(weights[EXPERT_MATRICES[0]][0].shape[0])
+        self.source_class = source_class  # the transformers class it replaced (tests rebuild it to compare)
+        self.act_fn = act_fn
         self.compute_dtype = compute
         # The states live on the module too (as bitsandbytes' Linear4bit keeps one): FSDP2 replaces the
         # parameter objects, and the forward must not depend on an attribute of the parameter.
         self.quant_states: dict[str, ExpertsQuantState] = {}
         for name in EXPERT_MATRICES:
-            packed, state = quantize_stack(getattr(source, name).data, quant_type, double_quant, storage, compute)
+            packed, state = weights[name]
             param = nn.Parameter(packed, requires_grad=False)
             param.quant_state = state
             setattr(self, name, param)
             self.quant_states[name] = state
+
+    @classmethod
+    def quantize(cls, source: nn.Module, quant_type: str, double_quant: bool, storage: torch.dtype, compute):
+        """transformers' fused experts ``source`` quantized per expert (:func:`quantize_stack`)."""
+        weights = {
+            name: quantize_stack(getattr(source, name).data, quant_type, double_quant, storage, compute)
+            for name in EXPERT_MATRICES
+        }
+        return cls(type(source), source.act_fn, weights, compute)
 
     def restore_quant_states(self) -> None:
         """Put each state back on its parameter (after FSDP2 made new parameter objects)."""
@@ -232,9 +249,9 @@ class NF4Experts(nn.Module):
 def quantize_experts(model: nn.Module, quant, compute_dtype: torch.dtype) -> list[str]:
     """Swap every fused experts module of the loaded ``model`` for an :class:`NF4Experts`; return their names.
 
-    ``quant`` is the run's ``QuantConfig`` with its storage dtype resolved. Under ZeRO-3 (weights already
-    partitioned by ``zero.Init``) each module's two parameters are gathered while it is quantized; every rank
-    swaps the same modules in the same order.
+    ``quant`` is the run's ``QuantConfig`` with its storage dtype resolved. Should the weights be partitioned
+    already (``zero.Init``; transformers 5.24 does not use it for a quantized model) each module's two parameters
+    are gathered while it is quantized; every rank swaps the same modules in the same order.
     """
     from ..model import _DTYPES
 
@@ -244,7 +261,7 @@ def quantize_experts(model: nn.Module, quant, compute_dtype: torch.dtype) -> lis
         check_supported(name, module)
         params = [getattr(module, n) for n in EXPERT_MATRICES]
         with _gathered(params):
-            new = NF4Experts(module, quant.quant_type, quant.double_quant, storage, compute_dtype)
+            new = NF4Experts.quantize(module, quant.quant_type, quant.double_quant, storage, compute_dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         names.append(name)
@@ -257,6 +274,144 @@ def _gathered(params):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+# -- the quantized-base cache (base_cache.py) ---------------------------------------------------------------
+#
+# A pre-quantized transformers load restores bitsandbytes' Linear4bit layers, not these experts: the cache
+# keeps them in files of their own, one per experts module, written from the packed parameters and their
+# states (bitsandbytes' own serialisation, ``QuantState.as_dict(packed=True)``), and puts them back without
+# quantizing. While the cached folder loads, the experts class of its modeling module is an ExpertsSlot: no
+# weights, so transformers neither expects them in the checkpoint nor allocates and initialises the 16-bit
+# experts it would then throw away.
+
+EXPERTS_FILE_PREFIX = "nf4_experts."
+"""Cache files ``nf4_experts.<module name>.safetensors``: that experts module's packed matrices and states."""
+
+
+def cache_refusal(model: nn.Module) -> str | None:
+    """Why the NF4 experts of ``model`` cannot be cached (None: they can, or there are none): the slot swap
+    needs the experts class to be a global of a transformers modeling module, as the model builds it."""
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Experts):
+            cls = module.source_class
+            owner = sys.modules.get(cls.__module__)
+            if not cls.__module__.startswith("transformers.models.") or getattr(owner, cls.__name__, None) is not cls:
+                return f"{name}: its experts class {cls.__module__}.{cls.__qualname__} is not one transformers builds"
+    return None
+
+
+@contextlib.contextmanager
+def set_aside(model: nn.Module):
+    """Take every :class:`NF4Experts` out of ``model`` for the block (so ``save_pretrained`` writes only the
+    rest) and yield them, ``{module name: NF4Experts}``; they are put back afterwards, also on error."""
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NF4Experts)}
+    for name in experts:
+        _replace(model, name, nn.Module())
+    try:
+        yield experts
+    finally:
+        for name, module in experts.items():
+            _replace(model, name, module)
+
+
+def save_cached(experts: dict[str, NF4Experts], folder: Path) -> None:
+    """Write each experts module's packed matrices and quantization states into ``folder``."""
+    from safetensors.torch import save_file
+
+    for name, module in experts.items():
+        tensors = {}
+        for matrix in EXPERT_MATRICES:
+            key = f"{name}.{matrix}"
+            tensors[key] = getattr(module, matrix).data.contiguous()
+            for k, v in module.quant_states[matrix].as_dict(packed=True).items():
+                tensors[f"{key}.{k}"] = v.detach().clone()  # experts may share a quant map: no shared storage
+        cls = module.source_class
+        meta = {"source_class": f"{cls.__module__}:{cls.__name__}"}
+        save_file(tensors, Path(folder) / f"{EXPERTS_FILE_PREFIX}{name}.safetensors", metadata=meta)
+
+
+def _cached_files(folder: Path) -> dict[str, Path]:
+    return {
+        f.name[len(EXPERTS_FILE_PREFIX) : -len(".safetensors")]: f
+        for f in sorted(Path(folder).glob(f"{EXPERTS_FILE_PREFIX}*.safetensors"))
+    }
+
+
+class ExpertsSlot(nn.Module):
+    """Where a cached :class:`NF4Experts` goes: built as its transformers class would be, minus the weights."""
+
+    source_class: type
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        with torch.device("meta"):
+            template = self.source_class(*args, **kwargs)
+        self.act_fn = template.act_fn
+        # No weights to initialise (transformers' _init_weights would look for the fused matrices).
+        self._is_hf_initialized = True
+
+
+@contextlib.contextmanager
+def slots_for_cached(folder: Path):
+    """While the block loads the cached base in ``folder``, the experts classes its files name are built as
+    :class:`ExpertsSlot` (the modeling module's global swapped, as ``plain_linear_layers`` does); a no-op for a
+    folder without expert files."""
+    from safetensors import safe_open
+
+    specs = set()
+    for path in _cached_files(folder).values():
+        with safe_open(str(path), "pt") as f:
+            specs.add((f.metadata() or {}).get("source_class", ""))
+    swapped = []
+    try:
+        for spec in sorted(specs):
+            module_name, _, cls_name = spec.partition(":")
+            if not module_name.startswith("transformers.models.") or not cls_name:
+                raise RuntimeError(f"{folder}: cached experts of an unknown class {spec!r}")
+            owner = importlib.import_module(module_name)
+            original = getattr(owner, cls_name)
+            setattr(owner, cls_name, type(f"{cls_name}Slot", (ExpertsSlot,), {"source_class": original}))
+            swapped.append((owner, cls_name, original))
+        yield
+    finally:
+        for owner, cls_name, original in swapped:
+            setattr(owner, cls_name, original)
+
+
+def restore_cached(model: nn.Module, folder: Path, device: torch.device, compute: torch.dtype) -> list[str]:
+    """Fill every :class:`ExpertsSlot` of ``model`` with the :class:`NF4Experts` cached in ``folder``, without
+    quantizing; returns their names. Raises when the slots and the cached files do not pair up one to one."""
+    import bitsandbytes.functional as F
+    from safetensors.torch import load_file
+
+    files = _cached_files(folder)
+    slots = {n: m for n, m in model.named_modules() if isinstance(m, ExpertsSlot)}
+    if set(files) != set(slots):
+        raise RuntimeError(
+            f"{folder}: cached NF4 experts for {sorted(set(files) - set(slots))[:3]} but experts modules to fill at "
+            f"{sorted(set(slots) - set(files))[:3]}: delete the folder to rebuild it"
+        )
+    for name, slot in slots.items():
+        # safetensors names a CPU device "cpu" only (a CPU rank's device is cpu:0 under accelerate).
+        tensors = load_file(files[name], device="cpu" if device.type == "cpu" else str(device))
+        weights = {}
+        for matrix in EXPERT_MATRICES:
+            key = f"{name}.{matrix}"
+            packed = tensors.pop(key)
+            per_expert: list[dict] = [{} for _ in range(packed.shape[0])]
+            for k in [k for k in tensors if k.startswith(f"{key}.")]:
+                e, _, field = k[len(key) + 1 :].partition(".")
+                per_expert[int(e)][field] = tensors.pop(k)
+            states = [F.QuantState.from_dict(qs, device) for qs in per_expert]
+            weights[matrix] = (packed, ExpertsQuantState(states))
+        _replace(model, name, NF4Experts(slot.source_class, slot.act_fn, weights, compute))
+    return list(slots)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 # -- LoRA on the experts ------------------------------------------------------------------------------------
@@ -417,7 +572,11 @@ def load_adapter(model: nn.Module, adapter_dir: Path):
     if has_nf4_experts(model):
         saved = json.loads((adapter_dir / "adapter_config.json").read_text())
         matrices = [m for m in EXPERT_MATRICES if any(name.endswith(f".{m}") for name in pairs)]
-        cfg = types.SimpleNamespace(target_modules=matrices, r=int(saved["r"]), alpha=saved["lora_alpha"], dropout=0.0)
+        r = int(saved["r"])
+        # rsLoRA (an adapter trained elsewhere) scales by alpha / sqrt(r), as peft and the merge do: an alpha that
+        # gives that scale under LoraExperts' alpha / r.
+        alpha = saved["lora_alpha"] * (math.sqrt(r) if saved.get("use_rslora") else 1.0)
+        cfg = types.SimpleNamespace(target_modules=matrices, r=r, alpha=alpha, dropout=0.0)
         attach_expert_lora(peft_model, cfg)
         result = set_peft_model_state_dict(peft_model, load_file(adapter_dir / "adapter_model.safetensors"))
         if result.unexpected_keys:

@@ -5,8 +5,10 @@ The traps this module handles so the user does not have to:
 - accelerate drops DeepSpeed when the ``Accelerator`` is told ``cpu=True``; on a machine without a GPU the
   process group backend is named instead (gloo), see ``distributed.make_accelerator``.
 - ZeRO-3 partitions parameters by dtype: the packed 4-bit weights must be stored in the compute dtype
-  (``bnb_4bit_quant_storage``), they are loaded under ``zero.Init`` (no ``device_map``), and anything that reads
-  whole weights (checksums, saving the adapter, the merge) gathers them first.
+  (``bnb_4bit_quant_storage``), they are loaded with no ``device_map`` (transformers 5.24 does not build a
+  quantized model under ``zero.Init``: each rank loads its whole 4-bit base on its device, and
+  ``deepspeed.initialize`` partitions it), and anything that reads whole weights (checksums, saving the adapter,
+  the merge) gathers them first.
 - DeepSpeed scales the loss by 1/accumulation-steps in ``backward``; the loop already normalises by the
   tokens of the global batch, so that scaling is switched off (``scale_wrt_gas=False``).
 - ZeRO-Offload refuses client optimizers that are not DeepSpeed's CPU Adam: bitsandbytes optimizers are
@@ -78,8 +80,9 @@ class DeepSpeedStrategy:
         if self.stage == 3:
             if not self.zero3_init:
                 raise ConfigError(
-                    "ZeRO-3 without zero3_init_flag loads the whole model on every rank first: set "
-                    "deepspeed_config.zero3_init_flag: true in the launch config (as launch_configs/deepspeed_zero3.yaml does)"
+                    "ZeRO-3 without zero3_init_flag is not supported (untested: transformers then does not know "
+                    "ZeRO-3 is on while loading and saving): set deepspeed_config.zero3_init_flag: true in the "
+                    "launch config (as launch_configs/deepspeed_zero3.yaml does)"
                 )
             if (
                 quant.storage_dtype != "auto"
@@ -116,7 +119,8 @@ class DeepSpeedStrategy:
         return {"cpu": False}
 
     def device_map(self, device: torch.device) -> dict[str, Any] | None:
-        # ZeRO-3 loads under zero.Init and places shards itself; ZeRO-2 keeps a whole replica per rank.
+        # ZeRO-3: no device_map (bitsandbytes' quantizer picks this rank's device; deepspeed.initialize
+        # partitions the 4-bit base, transformers 5.24 never uses zero.Init for it); ZeRO-2: a whole replica.
         return None if self.stage == 3 else {"": device}
 
     def prepare(self, accelerator, model, optimizer, micro_batch_size: int, grad_accum: int, max_grad_norm: float):

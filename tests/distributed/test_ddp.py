@@ -86,9 +86,10 @@ def test_shards_disjoint_and_covering(ddp_run, small_alpaca):
     n_train = report["num_examples"]
     assert n_train == 56  # 64 rows, 1/8 held out for eval
     assert shards["disjoint"] is True
-    assert shards["examples_per_rank"] == [28, 28]
-    assert shards["covered"] == n_train == shards["total"]
-    # The same layout recomputed from the pure function the run uses.
+    # Token-balanced (the default): every example on exactly one rank, the counts per rank free.
+    assert sum(shards["examples_per_rank"]) == shards["covered"] == n_train == shards["total"]
+    assert min(shards["examples_per_rank"]) > 0
+    # The count split, as a pure function, covers the same way.
     ranks = [set(rank_indices(n_train, 7, 0, r, 2)) for r in range(2)]
     assert not ranks[0] & ranks[1] and len(ranks[0] | ranks[1]) == n_train
 

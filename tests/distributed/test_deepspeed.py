@@ -58,9 +58,13 @@ def test_zero_run_invariants(zero_runs, stage, tiny_llama_dir):
     assert all(0 < c < step_s for c in report["comm_seconds_per_step"]) and len(report["comm_seconds_per_step"]) == 2
     # Frozen base: the same bytes before and after, on every rank (over the gathered base under ZeRO-3).
     assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
+    # Quantized once per machine under both stages: rank 1 loaded the packed base rank 0 wrote (ZeRO-3 too:
+    # transformers 5.24 loads a 4-bit model whole on every rank, DeepSpeed partitions it afterwards).
+    loads = report["base_load_per_rank"]
+    assert loads[0]["source"] in ("built", "cache") and loads[1]["source"] == "cache" and loads[1]["reason"] is None
     assert len(set(report["lora_checksum_per_rank"])) == 1
     shards = report["data_shards"]
-    assert shards["disjoint"] and shards["examples_per_rank"][0] == shards["examples_per_rank"][1] > 0
+    assert shards["disjoint"] and min(shards["examples_per_rank"]) > 0  # token-balanced: counts may differ
     assert report["final_loss"] < report["initial_loss"]
     # The saved adapter is whole (never ZeRO-3's 0-sized placeholders) and loads with peft.
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")

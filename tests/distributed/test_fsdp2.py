@@ -80,7 +80,7 @@ def test_fsdp2_run_invariants(main_run, tiny_llama_dir):
     assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
     assert len(set(report["lora_checksum_per_rank"])) == 1
     shards = report["data_shards"]
-    assert shards["disjoint"] and shards["examples_per_rank"][0] == shards["examples_per_rank"][1] > 0
+    assert shards["disjoint"] and min(shards["examples_per_rank"]) > 0  # token-balanced: counts may differ
     assert report["final_loss"] < report["initial_loss"] and report["eval_loss"] is not None
     assert report["merge"]["merged_by_rank"] == 0 and report["merge"]["rel_logit_error"] <= 1e-4
     assert (proc.stdout + proc.stderr).count("merged the adapter") == 1

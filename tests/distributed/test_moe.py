@@ -5,12 +5,14 @@ One run per strategy serves every assertion: the world size the workers saw, a f
 that is bit-identical before and after on every rank, identical adapters on every rank, expert LoRA saved
 (and trained) but none on the router, the frozen base's bytes per rank, and a merged model that plain
 transformers loads and that reproduces an independently rebuilt NF4 base + adapter. One more DDP launch
-resumes the DDP run from its step-2 checkpoint and must end with the same adapter, bit for bit.
+resumes the DDP run from its step-2 checkpoint and must end with the same adapter, bit for bit. Every run
+loads the base through the quantized-base cache (rank 1 and the resumed run read what rank 0 wrote).
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +55,14 @@ def test_moe_run_trains_experts_lora_and_merges(moe_runs, name):
     assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
     assert len(set(report["lora_checksum_per_rank"])) == 1
     assert report["final_loss"] < report["initial_loss"]
+    # Quantized once per machine (base_cache.py), NF4 experts included, under every strategy (ZeRO-3 too):
+    # rank 1 loaded the packed base rank 0 wrote, and its base checksum after the run is rank 0's before
+    # (checked above), which is that of a fresh quantization (below).
+    loads = report["base_load_per_rank"]
+    assert loads[0]["source"] in ("built", "cache") and loads[1]["source"] == "cache"
+    assert loads[0]["cache_dir"] == loads[1]["cache_dir"] and loads[1]["reason"] is None
+    assert loads[1]["file_bytes"] == sum(f.stat().st_size for f in Path(loads[1]["cache_dir"]).glob("*.safetensors"))
+    assert any(Path(loads[1]["cache_dir"]).glob(f"{moe.EXPERTS_FILE_PREFIX}*.safetensors"))
 
     # The adapter: LoRA on every expert of every layer (trained: B moved off zero) and on the attention
     # linears; nothing on the router.
@@ -131,6 +141,8 @@ def test_moe_resume_is_exact(moe_runs, cache_dir):
     launch(["-m", "qlora_dist", "train", str(cfg)], cache_dir, "multi_gpu_ddp.yaml")
     again = read_report(resumed)
     assert again["world_size"] == 2 and again["resumed_from_step"] == 2
+    # A later run on the same machine: both ranks load the quantized base the first run cached.
+    assert [load["source"] for load in again["base_load_per_rank"]] == ["cache", "cache"]
     first = load_file(out / "adapter" / "adapter_model.safetensors")
     second = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert first.keys() == second.keys() and any(moe.LORA_KEY.fullmatch(k) for k in first)

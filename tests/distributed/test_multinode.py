@@ -114,7 +114,9 @@ def test_two_launchers_form_one_two_rank_run(rdzv, tmp_path, tiny_llama_dir, sma
     assert len(report["lora_checksum_per_rank"]) == 2 and len(set(report["lora_checksum_per_rank"])) == 1
     assert report["base_checksum_after"] == [report["base_checksum_before"]] * 2
     shards = report["data_shards"]
-    assert shards["disjoint"] is True and shards["examples_per_rank"] == [16, 16]
+    assert (
+        shards["disjoint"] is True and sum(shards["examples_per_rank"]) == 32 and min(shards["examples_per_rank"]) > 0
+    )
     assert report["steps"] == TINY["max_steps"]
 
 

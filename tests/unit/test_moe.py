@@ -294,3 +294,26 @@ def test_check_knows_the_expert_targets(tiny_mixtral_dir, demo_data_dir, tmp_pat
     assert lora_finding("[q_proj,experts]").level == "ok"
     refused = lora_finding("[experts]")
     assert refused.level == "error" and "names only the experts" in refused.message
+
+
+def test_rslora_adapter_on_experts_merges_to_what_it_computes(tiny_mixtral_dir, tmp_path):
+    """An adapter saved with ``use_rslora`` (trained elsewhere) scales every LoRA, the experts' too, by
+    alpha / sqrt(r): the unmerged model the merge is verified against and the merge itself must agree, so the
+    verified merge passes (rank 4: a wrong scale is off by a factor 2)."""
+    import json
+
+    from qlora_dist.merge import merge_command
+
+    model = _load(tiny_mixtral_dir)
+    torch.manual_seed(0)
+    peft_model = model_mod.attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if n.endswith("_B") or ".lora_B." in n:
+                p.normal_(0, 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    report = merge_command(str(tiny_mixtral_dir), str(adapter), tmp_path / "merged", "dequantized", "float32")
+    assert report["verified"] is True and report["rel_logit_error"] < 1e-4, report

@@ -38,7 +38,7 @@ def test_zero3_settings_follow_from_the_strategy(monkeypatch):
     deepspeed_env(monkeypatch, 3)
     strategy = resolve_strategy(load_config(base=BASE))
     assert strategy.name == "zero3" and strategy.shards_parameters
-    assert strategy.device_map(torch.device("cpu")) is None  # zero.Init places the shards
+    assert strategy.device_map(torch.device("cpu")) is None  # deepspeed.initialize partitions the 4-bit base
     assert strategy.storage_dtype(load_config(base=BASE), torch.bfloat16) == "bfloat16"
     assert strategy.accelerator_kwargs(cpu=True) == {"cpu": False}  # cpu=True would drop DeepSpeed
     assert strategy.optimizer_name("paged_adamw_8bit") == "paged_adamw_8bit"
