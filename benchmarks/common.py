@@ -1,14 +1,88 @@
-"""What every benchmark harness shares: the machine and library line, replacing one section of BENCHMARKS.md,
-and the environment child processes run in (this folder importable, nothing online)."""
+"""What every benchmark harness shares: the model shapes and the builder of their random Llamas, the machine
+and library line, replacing one section of BENCHMARKS.md, and the environment child processes run in (this
+folder importable, nothing online)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The size of a decoder, in the names :class:`benchmarks.throughput.Setup` uses."""
+
+    hidden_size: int
+    layers: int
+    intermediate_size: int
+    heads: int
+    kv_heads: int
+    vocab_size: int = 0
+    """0: the tokenizer's own."""
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The same shape in a transformers config's names (``LlamaConfig(**shape.config_kwargs())``)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.layers,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            **({"vocab_size": self.vocab_size} if self.vocab_size else {}),
+        }
+
+    def name(self) -> str:
+        """``h64-l2-i128-a4-kv2`` (with ``-v<vocab>`` when set): a folder name for a model of this shape."""
+        name = f"h{self.hidden_size}-l{self.layers}-i{self.intermediate_size}-a{self.heads}-kv{self.kv_heads}"
+        return name + (f"-v{self.vocab_size}" if self.vocab_size else "")
+
+
+TINY_LLAMA = ModelShape(hidden_size=64, layers=2, intermediate_size=128, heads=4, kv_heads=2)
+"""The smoke shape every harness's quick run uses: 2 layers, hidden 64, grouped-query attention (4 / 2 heads)."""
+LLAMA3_8B = ModelShape(hidden_size=4096, layers=32, intermediate_size=14336, heads=32, kv_heads=8, vocab_size=128256)
+"""Llama 3 8B: about 8.0e9 parameters."""
+
+
+def build_llama(
+    folder: Path, shape: ModelShape, texts: Iterable[str], dtype: str = "float32", tokenizer_vocab: int = 4096
+) -> Path:
+    """A random Llama of ``shape`` saved in ``dtype`` with a byte-level tokenizer trained on ``texts``, in
+    ``folder``: built once (written beside it and renamed into place), reused while ``folder`` holds it.
+    The weights are initialised on the GPU when there is one (an 8B shape takes minutes on a CPU)."""
+    import torch
+
+    from qlora_dist.tiny import build_tiny_model, train_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = train_tokenizer(texts, tmp, vocab_size=tokenizer_vocab)
+    build_tiny_model(
+        tmp,
+        tokenizer,
+        arch="llama",
+        hidden_size=shape.hidden_size,
+        layers=shape.layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        dtype=getattr(torch, dtype),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        **({"vocab_size": shape.vocab_size} if shape.vocab_size else {}),
+    )
+    os.replace(tmp, folder)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the runs are other processes: leave them the memory
+    return folder
 
 
 def machine() -> str:

@@ -34,17 +34,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks import common
 from benchmarks.throughput import LABELS, QUICK, Setup, format_table, run_bench, write_section
 
 SECTION = "## GPU check"
 
 LLAMA3_8B = Setup(
-    hidden_size=4096,
-    layers=32,
-    intermediate_size=14336,
-    heads=32,
-    kv_heads=8,
-    vocab_size=128256,
+    **asdict(common.LLAMA3_8B),
     model_dtype="bfloat16",
     max_length=1024,
     micro_batch_size=4,

@@ -55,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import child_env, machine, write_section
+from benchmarks.common import TINY_LLAMA, ModelShape, build_llama, child_env, machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "examples" / "data" / "bench" / "alpaca_varlen.jsonl"
@@ -117,6 +117,12 @@ class Setup:
     """Per launch."""
 
     @property
+    def shape(self) -> ModelShape:
+        return ModelShape(
+            self.hidden_size, self.layers, self.intermediate_size, self.heads, self.kv_heads, self.vocab_size
+        )
+
+    @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.processes
 
@@ -126,11 +132,7 @@ class Setup:
 
 
 QUICK = Setup(
-    hidden_size=64,
-    layers=2,
-    intermediate_size=128,
-    heads=4,
-    kv_heads=2,
+    **asdict(TINY_LLAMA),
     micro_batch_size=2,
     processes=1,
     steps=3,
@@ -148,40 +150,15 @@ QUICK = Setup(
 
 def prepare_assets(setup: Setup, work: Path, data: Path) -> dict[str, Path]:
     """The tokenizer + model folder (built once per shape, reused) and the data file the runs train on."""
-    import torch
-
-    from qlora_dist.tiny import build_tiny_model, train_tokenizer
-
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     if setup.rows:
         rows = rows[: setup.rows]
     data_file = work / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
-    shape = f"h{setup.hidden_size}-l{setup.layers}-i{setup.intermediate_size}-a{setup.heads}-kv{setup.kv_heads}"
-    shape += f"-v{setup.vocab_size}-{setup.model_dtype}" if setup.vocab_size or setup.model_dtype != "float32" else ""
-    model_dir = work / f"model-{shape}-{len(rows)}rows"
-    if not (model_dir / "config.json").is_file():
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        texts = [v for r in rows for v in r.values() if isinstance(v, str) and v]
-        tokenizer = train_tokenizer(texts, tmp, vocab_size=4096)
-        build_tiny_model(
-            tmp,
-            tokenizer,
-            arch="llama",
-            hidden_size=setup.hidden_size,
-            layers=setup.layers,
-            intermediate_size=setup.intermediate_size,
-            num_attention_heads=setup.heads,
-            num_key_value_heads=setup.kv_heads,
-            dtype=getattr(torch, setup.model_dtype),
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            **({"vocab_size": setup.vocab_size} if setup.vocab_size else {}),
-        )
-        os.replace(tmp, model_dir)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the runs are other processes: leave them the memory
+    shape = setup.shape.name() + (f"-{setup.model_dtype}" if setup.model_dtype != "float32" else "")
+    texts = [v for r in rows for v in r.values() if isinstance(v, str) and v]
+    model_dir = build_llama(work / f"model-{shape}-{len(rows)}rows", setup.shape, texts, setup.model_dtype)
     return {"model": model_dir, "data": data_file}
 
 

@@ -202,23 +202,31 @@ def cmd_train(args) -> int:
         from .lock import acquire
 
         acquire(Path(config.output.dir))
-    _quiet_libraries()
     # The preflight checks, once per machine (the other local ranks would only repeat them). A failure ends
-    # this process, and the launcher then stops the others.
+    # this process, and the launcher then stops the others. The cheap ones first: a missing data file, model
+    # folder or a launch contradicting the run config is refused before the heavy libraries are imported.
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        from .doctor import run_checks
+        from .doctor import early_checks, run_checks
 
-        errors = [f for f in run_checks(args.config, args.overrides, config=config) if f.level == "error"]
-        if errors:
-            raise UserError(
-                "; ".join(f"{f.check}: {f.message}" for f in errors) + " (run `qlora-dist check` for all checks)"
-            )
+        _refuse_on_errors(early_checks(config))
+        _quiet_libraries()
+        _refuse_on_errors(run_checks(args.config, args.overrides, config=config))
+    else:
+        _quiet_libraries()
     from .train import train
 
     report = train(config)
     if report is not None:
         log.info("done: %s", Path(config.output.dir) / "run_report.json")
     return 0
+
+
+def _refuse_on_errors(findings) -> None:
+    errors = [f for f in findings if f.level == "error"]
+    if errors:
+        raise UserError(
+            "; ".join(f"{f.check}: {f.message}" for f in errors) + " (run `qlora-dist check` for all checks)"
+        )
 
 
 def cmd_check(args) -> int:

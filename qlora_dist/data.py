@@ -41,6 +41,7 @@ import datasets
 import torch
 
 from .config import DataConfig
+from .datafile import check_path
 from .errors import DataError
 from .formats import FORMATS, data_format
 
@@ -86,7 +87,7 @@ def load_rows(path: str, cache_dir: Path | None = None) -> datasets.Dataset:
     file, or one with no rows.
     """
     p = Path(path)
-    _check_exists(p)
+    check_path(p)
     if p.is_dir():
         rows = _load_saved_folder(p)
     else:
@@ -158,16 +159,6 @@ def check_rows(rows: datasets.Dataset, fmt: str, path: str) -> str:
         except (_RowError, ValueError, TypeError, KeyError) as e:
             raise DataError(f"{_row_location(Path(path), index)}: {e}") from None
     return fmt
-
-
-def _check_exists(p: Path) -> None:
-    if p.is_file() and p.stat().st_size < (1 << 20) and not p.read_bytes().strip():
-        raise DataError(f"{p}: has no rows (the file is empty)")
-    if not p.exists():
-        raise DataError(
-            f"data file not found: {p.resolve()} (data.path={str(p)!r}); "
-            "give a .jsonl/.json/.csv/.parquet file or a folder written by datasets' save_to_disk"
-        )
 
 
 def _load_saved_folder(p: Path) -> datasets.Dataset:
@@ -777,7 +768,7 @@ def _load_cache(target: Path) -> tuple[datasets.Dataset, datasets.Dataset | None
 def _cache_name(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
     sources = cfg.sources()
     for source in sources:
-        _check_exists(Path(source.path))
+        check_path(Path(source.path))
     path = Path(sources[0].path)
     key = {
         "version": _CACHE_VERSION,

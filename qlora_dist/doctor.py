@@ -64,14 +64,7 @@ def run_checks(
     findings: list[Finding] = []
 
     def run(name: str, fn: Callable[[], str | tuple[str, str]]) -> bool:
-        try:
-            result = fn()
-        except UserError as e:
-            findings.append(Finding("error", name, str(e)))
-            return False
-        level, message = result if isinstance(result, tuple) else ("ok", result)
-        findings.append(Finding(level, name, message))
-        return level != "error"
+        return _run(findings, name, fn)
 
     holder: dict[str, Any] = {}
 
@@ -99,6 +92,32 @@ def run_checks(
             run("disk", lambda: _check_disk(cfg, holder, env))
         run("memory", lambda: _check_memory(config_path, overrides, launch_config, num_processes, env))
     return findings
+
+
+def early_checks(cfg: RunConfig) -> list[Finding]:
+    """The checks that need no library but torch (which loading the config imports): the launch against the
+    run config, and what the file system says (the output folder and a finished run in it, the model folder,
+    the data paths). ``train`` runs them before transformers, datasets or peft are imported, so a mistyped
+    path or a launch that contradicts the run config is refused within seconds; :func:`run_checks` runs them
+    again, in full."""
+    findings: list[Finding] = []
+    _run(findings, "launch", lambda: _check_launch(cfg, launch_env(None, None)))
+    _run(findings, "output", lambda: _check_output(cfg))
+    _run(findings, "model", lambda: _check_model_path(cfg))
+    _run(findings, "data", lambda: _check_data_paths(cfg))
+    return findings
+
+
+def _run(findings: list[Finding], name: str, fn: Callable[[], str | tuple[str, str]]) -> bool:
+    """Run one check into ``findings`` (a UserError is its error finding); False when it found an error."""
+    try:
+        result = fn()
+    except UserError as e:
+        findings.append(Finding("error", name, str(e)))
+        return False
+    level, message = result if isinstance(result, tuple) else ("ok", result)
+    findings.append(Finding(level, name, message))
+    return level != "error"
 
 
 def print_findings(findings: list[Finding]) -> None:
@@ -174,6 +193,21 @@ def _check_model(cfg: RunConfig, holder: dict) -> str:
     return f"{cfg.model.name_or_path}: {model.config.model_type}, {size} parameters (from config.json, no weights)"
 
 
+def _check_model_path(cfg: RunConfig) -> str:
+    from .model import check_model_path
+
+    local = check_model_path(cfg.model, remote_code=False)  # folder, config.json, weight files; None: a hub id
+    return f"{local} is a model folder" if local is not None else f"{cfg.model.name_or_path}: a hub id"
+
+
+def _check_data_paths(cfg: RunConfig) -> str:
+    from .datafile import check_path
+
+    for source in cfg.data.sources():
+        check_path(Path(source.path))
+    return "every data path exists"
+
+
 def _check_tokenizer(cfg: RunConfig, holder: dict) -> str:
     from .model import load_tokenizer
 
@@ -227,10 +261,14 @@ def _check_lora(cfg: RunConfig, holder: dict) -> str:
 
 
 def _check_output(cfg: RunConfig) -> str:
-    """``output.dir`` is a folder (or can be one) on a writable filesystem; nothing is created here."""
+    """``output.dir`` is a folder (or can be one) on a writable filesystem, and holds no finished run (unless
+    ``output.overwrite``); nothing is created here."""
+    from .lock import check_not_finished
+
     out = Path(cfg.output.dir).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir={cfg.output.dir} is a file, not a folder: choose another output.dir")
+    check_not_finished(out, cfg.output.overwrite)
     existing = next(p for p in (out, *out.parents) if p.exists())
     try:  # a real write: root passes every permission check, and /proc or a read-only mount refuse only this
         with tempfile.TemporaryFile(dir=existing):

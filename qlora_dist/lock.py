@@ -45,6 +45,15 @@ class OutputLock:
             _held.pop(self.path.parent.resolve(), None)
 
 
+def check_not_finished(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``output.dir`` that already holds a finished run (its ``run_report.json``) unless ``overwrite``."""
+    if not overwrite and (Path(output_dir) / "run_report.json").exists():
+        raise UserError(
+            f"output.dir={output_dir} already holds a finished run; "
+            "choose another output.dir or set output.overwrite=true"
+        )
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Refuse an ``output.dir`` that is a file, or that cannot be created or written, before anything loads."""
     out = Path(output_dir)

@@ -46,18 +46,20 @@ def bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
     )
 
 
-def check_model_path(cfg: ModelConfig) -> Path | None:
+def check_model_path(cfg: ModelConfig, remote_code: bool = True) -> Path | None:
     """Return the local folder of the model, or raise a UserError saying what is missing.
 
     Returns None for something that looks like a hub id (``org/name`` with no such local folder); loading
-    then goes through the hub cache as usual.
+    then goes through the hub cache as usual. ``remote_code=False`` leaves out the one check that imports
+    transformers (whether it knows the model type), for the checks ``train`` runs before any heavy import.
     """
     p = Path(cfg.name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"model.name_or_path={cfg.name_or_path}: folder has no config.json (is it a model folder?)")
         check_not_prequantized(p / "config.json")
-        check_remote_code(cfg, p / "config.json")
+        if remote_code:
+            check_remote_code(cfg, p / "config.json")
         check_weight_files(cfg, p)
         return p
     if p.exists():

@@ -103,11 +103,7 @@ class QLoRAPlugin:
         model_mod.check_model_path(self.config.model)
         if int(os.environ.get("RANK", "0")) == 0:
             self._lock = lock.acquire(self.output_dir)
-        if not self.config.output.overwrite and (self.output_dir / "run_report.json").exists():
-            raise UserError(
-                f"output.dir={self.output_dir} already holds a finished run; "
-                "choose another output.dir or set output.overwrite=true"
-            )
+        lock.check_not_finished(self.output_dir, self.config.output.overwrite)
         quiet.quiet_libraries()
         trackers = tracker_mod.accelerator_kwargs(self.config.train.report_to, self.output_dir)
         accelerator = make_accelerator(**{**self.strategy.accelerator_kwargs(on_cpu()), **trackers, **kwargs})

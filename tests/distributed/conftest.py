@@ -74,12 +74,9 @@ def read_report(out_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def small_alpaca(tmp_path_factory, demo_data_dir) -> Path:
+def small_alpaca(alpaca_rows) -> Path:
     """The first 64 rows of the demo alpaca set: an even count, so 2 ranks drop nothing."""
-    rows = (demo_data_dir / "alpaca_demo.jsonl").read_text().splitlines()[:64]
-    path = tmp_path_factory.mktemp("data") / "alpaca64.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return alpaca_rows(64)
 
 
 @pytest.fixture(scope="session")

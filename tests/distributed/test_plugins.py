@@ -61,6 +61,14 @@ def launch_with(paths, args, cache_dir, **kwargs):
             os.environ["PYTHONPATH"] = old
 
 
+def train_with(env: dict[str, str], config) -> subprocess.CompletedProcess:
+    """``qlora-dist train CONFIG`` in one process with ``env`` (its PYTHONPATH holds the plugins)."""
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_dist", "train", str(config)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+    )  # fmt: skip
+
+
 def test_plugins_command_lists_the_installed_plugin(plugin_path, cache_dir):
     out = subprocess.run(
         [sys.executable, "-m", "qlora_dist", "plugins"], capture_output=True, text=True, timeout=120,
@@ -126,14 +134,7 @@ def test_a_broken_plugin_fails_only_the_run_that_names_it(
     named = write_run_config(
         tmp_path / "named.yaml", tiny_llama_dir, small_alpaca, tmp_path / "a", data={"format": "broken"}
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "qlora_dist", "train", str(named)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    proc = train_with(env, named)
     assert proc.returncode == 2
     assert "the formats plugin 'broken' (entry point broken_qlora_plugin:FORMAT) failed to load" in proc.stderr
     assert (
@@ -149,13 +150,6 @@ def test_a_broken_plugin_fails_only_the_run_that_names_it(
         train={"max_steps": 2},
         output={"merge": False},
     )
-    ok = subprocess.run(
-        [sys.executable, "-m", "qlora_dist", "train", str(other)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    ok = train_with(env, other)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert read_report(tmp_path / "b")["steps"] == 2

@@ -1,40 +1,25 @@
 """The throughput benchmark harness (``benchmarks.throughput``): it runs end to end and produces its table.
 
-Only the harness is tested, never the speed: ``--quick`` trains a tiny model for a few steps with each recipe.
+Only the harness is tested, never the speed: its ``--quick`` setup trains a tiny model for a few steps with each
+recipe, once per test session (the ``tiny_gpu_check`` fixture, which runs it inside the GPU check).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
 from benchmarks import throughput as bench
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
-    results = tmp_path / "results.json"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--work", str(tmp_path), "--json", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=REPO,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    table = proc.stdout[proc.stdout.index("recipe") :].splitlines()
-    assert [line.split("  ")[0] for line in table[1:4]] == [bench.LABELS[r] for r in bench.RECIPES]
-    assert table[1].count("1.00 [1.00-1.00]") == 3, "(a) is the reference: every ratio of its row is 1"
-
-    summary = json.loads(results.read_text())["summary"]
+def test_quick_bench_runs_all_three_recipes_end_to_end(tiny_gpu_check):
+    """The three recipes, trained for real on the ``--quick`` setup (the GPU check's tiny run: the same
+    ``run_bench(QUICK)``, see tests/unit/conftest.py): every ratio and figure the table is made of."""
+    result = tiny_gpu_check.result["bench"]
+    assert result["setup"] == asdict(bench.QUICK)
+    summary = result["summary"]
     assert set(summary) == set(bench.RECIPES)
     for metric in bench.METRICS:
         assert summary["reference"][metric]["ratio_median"] == 1.0
@@ -46,6 +31,29 @@ def test_quick_bench_runs_all_three_recipes_end_to_end(tmp_path):
         assert summary[recipe]["full_bytes"] == summary["reference"]["full_bytes"] > 0
     # Packing leaves less padding than batches padded to their longest example.
     assert summary["qlora_dist_packed"]["pad_fraction"] < summary["reference"]["pad_fraction"]
+
+
+def test_quick_command_line_prints_the_table_and_writes_the_results(tiny_gpu_check, tmp_path, monkeypatch, capsys):
+    """``python -m benchmarks.throughput --quick``: the setup it asks for, the table it prints and the JSON it
+    writes, from the real results of the run above (training the recipes again would prove nothing more)."""
+    recorded = tiny_gpu_check.result["bench"]
+    asked = []
+
+    def run_bench(setup, work, data):
+        asked.append((setup, work, data))
+        return recorded
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    results = tmp_path / "results.json"
+    assert bench.main(["--quick", "--work", str(tmp_path), "--json", str(results)]) == 0
+    assert asked == [(bench.QUICK, tmp_path, bench.DEFAULT_DATA)]
+    out = capsys.readouterr().out
+    table = out[out.index("recipe") :].splitlines()
+    assert [line.split("  ")[0] for line in table[1:4]] == [bench.LABELS[r] for r in bench.RECIPES]
+    assert table[1].count("1.00 [1.00-1.00]") == 3, "(a) is the reference: every ratio of its row is 1"
+    assert "targets: (b) no slower than (a)" in out
+    assert json.loads(results.read_text())["summary"] == recorded["summary"]
+    assert not (tmp_path / "BENCHMARKS.md").exists()  # --quick writes no section unless asked
 
 
 def _result() -> dict:

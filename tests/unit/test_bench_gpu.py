@@ -1,9 +1,9 @@
 """The GPU check (``benchmarks.gpu``) runs end to end on a tiny shape on the CPU, so that the day a GPU
-is lent it works the first time. Only the harness is tested here: what it measures needs the GPU."""
+is lent it works the first time. Only the harness is tested here: what it measures needs the GPU. The run itself
+is the ``tiny_gpu_check`` fixture (tests/unit/conftest.py), which test_bench.py reads too."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +17,7 @@ from benchmarks import throughput as bench
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu", *args],
@@ -25,12 +25,8 @@ def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_tiny_gpu_check_produces_every_part(tmp_path):
-    markdown, results = tmp_path / "BENCH.md", tmp_path / "results.json"
-    proc = _run("--tiny", "--work", str(tmp_path / "work"), "--markdown", str(markdown), "--json", str(results),
-                tmp_path=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(results.read_text())
+def test_tiny_gpu_check_produces_every_part(tiny_gpu_check):
+    result = tiny_gpu_check.result
     assert result["errors"] == {}
     assert set(result["bench"]["summary"]) == set(bench.RECIPES)
     assert all(0 < v < 1 for v in result["mfu"].values()), result["mfu"]  # a fraction of the measured rate
@@ -41,7 +37,7 @@ def test_tiny_gpu_check_produces_every_part(tmp_path):
     assert planner["comparable"] is torch.cuda.is_available()
     assert result["paged_optimizer"]["ran"] is torch.cuda.is_available()
 
-    text = markdown.read_text()
+    text = tiny_gpu_check.markdown
     assert text.count("## GPU check") == 1
     for recipe in bench.RECIPES:
         assert f"| {bench.LABELS[recipe]} |" in text
@@ -51,7 +47,7 @@ def test_tiny_gpu_check_produces_every_part(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_full_size_check_refuses_without_a_gpu(tmp_path):
-    proc = _run("--work", str(tmp_path), tmp_path=tmp_path)
+    proc = _run("--work", str(tmp_path))
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir()), "nothing is built before the refusal"

@@ -169,6 +169,7 @@ class Case:
     args: list[str]
     out: Path  # the output folder: the run's, or the one an erroring run must not create
     info: dict = field(default_factory=dict)
+    python_options: list[str] = field(default_factory=list)  # e.g. -X importtime: what the process imported
 
 
 @dataclass
@@ -214,7 +215,7 @@ def launched(cli_env, tmp_path_factory, tiny_llama_dir, demo_data_dir) -> Iterat
 
     def run(case: Case, cwd: Path) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "qlora_dist", *case.args],
+            [sys.executable, *case.python_options, "-m", "qlora_dist", *case.args],
             cwd=cwd,
             env=cli_env,
             capture_output=True,
@@ -241,20 +242,6 @@ def launched(cli_env, tmp_path_factory, tiny_llama_dir, demo_data_dir) -> Iterat
 
 
 @heavy
-def missing_model(d: Path, inputs: Inputs) -> Case:
-    missing = d / "no_such_model"
-    config, out = make_config(d, missing, inputs.data_file)
-    return Case(["train", str(config)], out, {"missing": missing})
-
-
-def test_missing_model_folder_names_the_path(launched):
-    run = launched["missing_model"]
-    line = error_line(run.result)
-    assert str(run.info["missing"]) in line and "model.name_or_path" in line
-    assert not run.out.exists()
-
-
-@heavy
 def bad_row(d: Path, inputs: Inputs) -> Case:
     data = write_jsonl(
         d / "rows.jsonl",
@@ -276,18 +263,25 @@ def test_bad_data_row_names_file_and_line(launched):
     assert not run.out.exists()
 
 
+IMPORTTIME = ["-X", "importtime"]  # one stderr line per module imported: "import time: ... | name"
+
+
+def imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@heavy
+def missing_model(d: Path, inputs: Inputs) -> Case:
+    missing = d / "no_such_model"
+    config, out = make_config(d, missing, inputs.data_file)
+    return Case(["train", str(config)], out, {"path": missing}, IMPORTTIME)
+
+
 @heavy
 def missing_data(d: Path, inputs: Inputs) -> Case:
     missing = d / "missing.jsonl"
     config, out = make_config(d, inputs.model_dir, missing)
-    return Case(["train", str(config)], out, {"missing": missing})
-
-
-def test_missing_data_file_names_the_path(launched):
-    run = launched["missing_data"]
-    line = error_line(run.result)
-    assert str(run.info["missing"]) in line and "not found" in line
-    assert not run.out.exists()
+    return Case(["train", str(config)], out, {"path": missing}, IMPORTTIME)
 
 
 @heavy
@@ -295,14 +289,21 @@ def empty_data(d: Path, inputs: Inputs) -> Case:
     data = d / "empty.jsonl"
     data.write_text("")
     config, out = make_config(d, inputs.model_dir, data)
-    return Case(["train", str(config)], out, {"data": data})
+    return Case(["train", str(config)], out, {"path": data}, IMPORTTIME)
 
 
-def test_empty_data_file_says_it_has_no_rows(launched):
-    run = launched["empty_data"]
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [("missing_model", "model.name_or_path"), ("missing_data", "not found"), ("empty_data", "no rows")],
+)
+def test_a_missing_or_empty_input_names_the_path(launched, case, words):
+    """Refused by the file-system checks, before transformers, datasets or peft are imported (see cmd_train)."""
+    run = launched[case]
     line = error_line(run.result)
+    assert str(run.info["path"]) in line and words in line
     assert not run.out.exists()
-    assert str(run.info["data"]) in line and "no rows" in line
+    modules = imported(run.result.stderr)
+    assert "qlora_dist.doctor" in modules and not modules & {"transformers", "datasets", "peft", "bitsandbytes"}
 
 
 @heavy

@@ -70,15 +70,11 @@ def test_replicated_lora_steps_bitsandbytes_optimizers(group, tiny_llama_dir, op
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "tied"])
-def test_biased_and_tied_models_shard_and_step(group, tmp_path, tiny_qwen2_dir, tiny_tokenizer, kind):
+def test_biased_and_tied_models_shard_and_step(group, tiny_model, kind):
     """Qwen2's biased q/k/v projections, and a head tied to the embeddings (one parameter in the root unit)."""
     import bitsandbytes as bnb
 
-    from qlora_dist.tiny import build_tiny_model
-
-    if kind == "tied":
-        build_tiny_model(tmp_path / "tied", tiny_tokenizer, tie_word_embeddings=True)
-    model = _qlora(tiny_qwen2_dir if kind == "qwen2" else tmp_path / "tied")
+    model = _qlora(tiny_model("qwen2") if kind == "qwen2" else tiny_model("llama", tie_word_embeddings=True))
     before = model_mod.base_checksum(model)
     shard_model(model, torch.device("cpu"), 1)
     lora = [p for p in model.parameters() if p.requires_grad]

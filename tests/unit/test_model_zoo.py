@@ -52,28 +52,8 @@ IDS = [arch + ("-tied" if over.get("tie_word_embeddings") else "") for arch, ove
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory, tiny_tokenizer):
-    """Builds each family's model on first use (once per module)."""
-    from qlora_dist.tiny import build_tiny_model
-
-    built: dict[str, Path] = {}
-
-    def get(name: str, arch: str, overrides: dict) -> Path:
-        if name not in built:
-            out = tmp_path_factory.mktemp(f"zoo_{name}")
-            build_tiny_model(out, tiny_tokenizer, arch=arch, **overrides)
-            built[name] = out
-        return built[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def small_alpaca_rows(tmp_path_factory, demo_data_dir) -> Path:
-    rows = (demo_data_dir / "alpaca_demo.jsonl").read_text().splitlines()[:16]
-    path = tmp_path_factory.mktemp("zoo_data") / "alpaca16.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+def small_alpaca_rows(alpaca_rows) -> Path:
+    return alpaca_rows(16)
 
 
 def run_config(path: Path, model_dir: Path, data: Path, out: Path, **quant) -> Path:
@@ -113,10 +93,9 @@ def one_error_line(stderr: str) -> str:
 
 @pytest.mark.parametrize(("arch", "overrides", "expected"), TABLE, ids=IDS)
 def test_family_trains_as_verified_qlora_or_is_refused(
-    arch, overrides, expected, zoo, small_alpaca_rows, tmp_path, capsys
+    arch, overrides, expected, tiny_model, small_alpaca_rows, tmp_path, capsys
 ):
-    name = IDS[TABLE.index((arch, overrides, expected))]
-    model_dir = zoo(name, arch, overrides)
+    model_dir = tiny_model(arch, **overrides)
     out = tmp_path / "run"
     cfg = run_config(tmp_path / "run.yaml", model_dir, small_alpaca_rows, out)
     predicted, _ = coverage.predict_for(ModelConfig(name_or_path=str(model_dir)), QuantConfig(), torch.float32)
@@ -169,7 +148,7 @@ def test_family_trains_as_verified_qlora_or_is_refused(
 
 
 def test_allow_unquantized_trains_a_base_bitsandbytes_leaves_full_precision_and_the_report_says_so(
-    zoo, small_alpaca_rows, tmp_path, capsys, monkeypatch
+    tiny_model, small_alpaca_rows, tmp_path, capsys, monkeypatch
 ):
     """A family whose linear layers are a class of their own is not quantized by bitsandbytes: Falcon, with its
     ``FalconLinear`` left as it is (no :mod:`qlora_dist.quant.layers` swap). Refused by default; trained with
@@ -177,7 +156,7 @@ def test_allow_unquantized_trains_a_base_bitsandbytes_leaves_full_precision_and_
     from qlora_dist.quant import layers
 
     monkeypatch.setattr(layers, "LINEAR_EQUIVALENTS", {})
-    model_dir = zoo("falcon", "falcon", {})
+    model_dir = tiny_model("falcon")
     out = tmp_path / "run"
     cfg = run_config(tmp_path / "run.yaml", model_dir, small_alpaca_rows, out)
     predicted, _ = coverage.predict_for(ModelConfig(name_or_path=str(model_dir)), QuantConfig(), torch.float32)
@@ -206,11 +185,11 @@ def test_allow_unquantized_trains_a_base_bitsandbytes_leaves_full_precision_and_
     assert report["world_size"] == 1
 
 
-def test_a_merge_over_the_bound_leaves_nothing_and_fails(zoo, small_alpaca_rows, tmp_path, capsys, monkeypatch):
+def test_a_merge_over_the_bound_leaves_nothing_and_fails(tiny_model, small_alpaca_rows, tmp_path, capsys, monkeypatch):
     """Fault injection: a merge that writes wrong weights (here: noise on every LoRA-merged tensor) must be caught
     by both merges' own checks: ``qlora-dist merge`` exits 2 with no ``--out``; training exits 2 with no
     ``merged/`` and the report saying ``verified: false``."""
-    model_dir = zoo("gpt2", "gpt2", {})
+    model_dir = tiny_model("gpt2")
     good = tmp_path / "good"
     cfg = run_config(tmp_path / "run.yaml", model_dir, small_alpaca_rows, good)
     assert cli_main(["train", str(cfg), "output.merge=false"]) == 0
@@ -245,16 +224,16 @@ def test_a_merge_over_the_bound_leaves_nothing_and_fails(zoo, small_alpaca_rows,
     assert (bad / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_targets_resolve_to_real_names_and_an_empty_resolution_is_an_error(zoo):
+def test_targets_resolve_to_real_names_and_an_empty_resolution_is_an_error(tiny_model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from qlora_dist.model import meta_model, resolve_targets
 
-    gpt2 = meta_model(ModelConfig(name_or_path=str(zoo("gpt2", "gpt2", {}))))
+    gpt2 = meta_model(ModelConfig(name_or_path=str(tiny_model("gpt2"))))
     assert resolve_targets(gpt2, LoraConfig()) == ["c_attn", "c_fc", "c_proj"]
     # A model with no linear layer at all (here: every projection swapped for an identity).
-    config = AutoConfig.from_pretrained(zoo("gpt2", "gpt2", {}))
+    config = AutoConfig.from_pretrained(tiny_model("gpt2"))
     with init_empty_weights():
         bare = AutoModelForCausalLM.from_config(config)
     for name, _ in list(bare.named_modules()):
@@ -287,12 +266,10 @@ def test_moe_routers_are_not_lora_targets():
     assert linear_layer_names(Dense()) == ["gate", "up"]
 
 
-def test_a_peft_error_during_set_up_is_one_config_error_line(zoo, monkeypatch):
+def test_a_peft_error_during_set_up_is_one_config_error_line(tiny_model, monkeypatch):
     import peft
 
-    model = load_quantized_model(
-        ModelConfig(name_or_path=str(zoo("llama", "llama", {}))), QuantConfig(), CPU, torch.float32
-    )
+    model = load_quantized_model(ModelConfig(name_or_path=str(tiny_model("llama"))), QuantConfig(), CPU, torch.float32)
 
     def refuse(*args, **kwargs):
         raise ValueError("lora.ParamWrapper does not work with lora_dropout != 0.\nmore detail")

@@ -42,16 +42,10 @@ LLAMA_8B = {
 
 
 @pytest.fixture(scope="module")
-def wide_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+def wide_models(tiny_model) -> dict[str, Path]:
     """Hidden-256 Llama and Qwen2 (biased q/k/v): with r=16 some LoRA tensors reach bitsandbytes' 8-bit
     optimizer threshold of 4096 elements (lora_A of q_proj: 16 x 256) and some do not (lora_B of k_proj)."""
-    from qlora_dist.tiny import build_tiny_model
-
-    out = {}
-    for arch in ("llama", "qwen2"):
-        out[arch] = tmp_path_factory.mktemp(f"wide_{arch}")
-        build_tiny_model(out[arch], tiny_tokenizer, arch=arch, hidden_size=256)
-    return out
+    return {arch: tiny_model(arch, hidden_size=256) for arch in ("llama", "qwen2")}
 
 
 @pytest.fixture(scope="module")
