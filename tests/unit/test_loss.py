@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, Qwen2Config
 
+from benchmarks.common import TINY_LLAMA
 from qlora_dist import loss as loss_mod
 from qlora_dist.data import collate, pack_examples
 from qlora_dist.loss import token_loss_sum
@@ -20,15 +21,7 @@ from qlora_dist.loss import token_loss_sum
 from .test_plan import LiveBytes
 
 VOCAB = 320
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=256, **TINY_LLAMA.config_kwargs())  # hidden 64, 2 layers
 CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     # Tied embeddings and a final-logit soft-cap small enough to bend these logits (random init gives ~0.5).
