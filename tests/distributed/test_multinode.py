@@ -289,12 +289,12 @@ def test_stand_in_srun_answers_signals_as_real_srun_does(how, tmp_path, cache_di
             kill_tree(proc)
 
 
-def test_usr1_becomes_one_sigterm_to_the_steps(tmp_path, cache_dir):
-    """Each task gets SIGTERM once, through scancel; srun itself gets no signal; a second warning sends nothing.
-    The main address is the first node's NodeAddr, not its name."""
+def _warn_a_running_job(tmp_path: Path, cache_dir, on_term: str, warnings: int) -> tuple[subprocess.Popen, dict, Path]:
+    """Run the batch script over node tasks that answer SIGTERM with ``on_term`` (shell code); once both are
+    running, send the batch shell ``warnings`` SIGUSR1s (what ``--signal=B:USR1@S`` sends) and wait for it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    task = '#!/bin/bash\ntrap \'echo "task $SLURM_NODEID got TERM" >> "$STUB_LOG"; exit 0\' TERM\n'
+    task = f"#!/bin/bash\ntrap '{on_term}' TERM\n"
     task += 'echo "task $SLURM_NODEID ready" >> "$STUB_LOG"\nwhile :; do sleep 0.05; done\n'
     (bin_dir / "accelerate").write_text(task)  # what each node's task execs
     (bin_dir / "accelerate").chmod(0o755)
@@ -306,13 +306,22 @@ def test_usr1_becomes_one_sigterm_to_the_steps(tmp_path, cache_dir):
         while stub_log(env).count("ready") < 2:
             assert proc.poll() is None and time.monotonic() < deadline, tail(log)
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGUSR1)
-        time.sleep(0.3)
-        os.kill(proc.pid, signal.SIGUSR1)
+        for i in range(warnings):
+            time.sleep(0.3 if i else 0)
+            os.kill(proc.pid, signal.SIGUSR1)
         wait_all([proc], 30)
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+    return proc, env, log
+
+
+def test_usr1_becomes_one_sigterm_to_the_steps(tmp_path, cache_dir):
+    """Each task gets SIGTERM once, through scancel; srun itself gets no signal; a second warning sends nothing.
+    The main address is the first node's NodeAddr, not its name."""
+    proc, env, log = _warn_a_running_job(
+        tmp_path, cache_dir, 'echo "task $SLURM_NODEID got TERM" >> "$STUB_LOG"; exit 0', 2
+    )
     lines = stub_log(env).splitlines()
     assert lines.count(f"scancel --signal=TERM {env['SLURM_JOB_ID']}") == 1, (lines, tail(log))
     assert sorted(line for line in lines if "got" in line) == ["task 0 got TERM", "task 1 got TERM"], lines
@@ -329,27 +338,9 @@ def test_a_second_warning_outside_the_loop_in_a_row_is_not_requeued(tmp_path, ca
     reach it would requeue forever, so the script stops and says why."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / STARTUP_STOP).write_text("")
-    task = '#!/bin/bash\ntrap "exit 143" TERM\necho "task $SLURM_NODEID ready" >> "$STUB_LOG"\n'
-    task += "while :; do sleep 0.05; done\n"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "accelerate").write_text(task)
-    (bin_dir / "accelerate").chmod(0o755)
-    env = slurm_env(tmp_path, write_stubs(bin_dir), cache_dir)
-    log = tmp_path / "job.log"
-    proc = start_batch(write_script(tmp_path, _valid_config(tmp_path)), env, log)
-    try:
-        deadline = time.monotonic() + 30
-        while stub_log(env).count("ready") < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGUSR1)
-        wait_all([proc], 30)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+    proc, env, log = _warn_a_running_job(tmp_path, cache_dir, "exit 143", 1)
     assert proc.returncode == 1, tail(log)
-    assert "requeue" not in stub_log(env).replace("scancel", ""), stub_log(env)
+    assert f"requeue {env['SLURM_JOB_ID']}" not in stub_log(env), stub_log(env)
     assert "as in the previous allocation: not requeueing" in log.read_text(), tail(log)
     assert not (tmp_path / "out" / STARTUP_STOP).exists()
 
