@@ -81,6 +81,10 @@ class NF4Rebuild:
     blocksize: int = 64
     """bitsandbytes' ``Params4bit`` default, which transformers' ``Linear4bit`` layers use."""
     layers: frozenset[str] | None = None
+    cache: Path | None = None
+    """A quantize-once cache folder of this base with these settings (:mod:`qlora_dist.base_cache`): its packed
+    weights are the very bits :meth:`roundtrip` would compute, so the streaming merge dequantizes them instead
+    of quantizing again (bitsandbytes' quantizer is most of a CPU merge's time)."""
 
     @classmethod
     def of(cls, quant, compute_dtype: torch.dtype, device: torch.device | str, model: nn.Module | None = None):
@@ -403,8 +407,10 @@ def _conv1d_weights_of_config(config) -> set[str]:
 
 def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | None) -> dict[str, int]:
     """Output shards mirror the input's (same file names and tensors), floating tensors in ``dtype``. Every
-    tensor goes read -> (re-quantize) -> cast -> add delta -> write before the next one is read."""
+    tensor goes read -> (re-quantize) -> cast -> add delta -> write before the next one is read. A 4-bit weight
+    the quantize-once cache holds is read from there, packed, and dequantized (the same bits)."""
     weight_map, total = {}, 0
+    cached = _CachedNF4.open(nf4.cache) if nf4 is not None and nf4.cache is not None else None
     for file, header in plan.headers.items():
         entries = [(name, _output_dtype(info, dtype), info["shape"], info) for name, info in header.items()]
         # Widest dtypes first keeps every tensor aligned to its element size (what the safetensors writer does);
@@ -412,9 +418,13 @@ def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | No
         entries.sort(key=lambda e: -e[1].itemsize)
 
         def produce(name: str, info: dict, file=file) -> torch.Tensor:
+            lora, transposed = plan.deltas.get(name), name in plan.transposed
+            if name in plan.quantized and cached is not None and cached.has(name):
+                rebuilt = cached.dequantized(name, nf4.device).to("cpu", dtype)  # (out, in), as roundtrip's
+                return _merged_tensor(name, rebuilt, dtype, None, lora, transposed, already_out_in=True)
             tensor = _read_tensor(file, name)
             rebuild = nf4 if name in plan.quantized else None
-            return _merged_tensor(name, tensor, dtype, rebuild, plan.deltas.get(name), name in plan.transposed)
+            return _merged_tensor(name, tensor, dtype, rebuild, lora, transposed)
 
         total += _write_safetensors(out_dir / file.name, entries, produce)
         weight_map.update({name: file.name for name, *_ in entries})
@@ -427,7 +437,48 @@ def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | No
         "quantized": len(plan.quantized),
         "merged": len(plan.deltas),
         "shards": len(plan.files),
+        "from_cache": cached.used if cached is not None else 0,
     }
+
+
+class _CachedNF4:
+    """The packed NF4 weights of a quantize-once cache folder, read one weight (and its quantization state) at
+    a time through ``safe_open`` and dequantized by bitsandbytes."""
+
+    def __init__(self, folder: Path, where: dict[str, Path]) -> None:
+        self.folder, self.where, self.used = folder, where, 0
+
+    @classmethod
+    def open(cls, folder: Path) -> _CachedNF4 | None:
+        from safetensors import safe_open
+
+        from .base_cache import COMPLETE
+
+        if not (folder / COMPLETE).is_file():
+            return None
+        where: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                where.update({key: file for key in f.keys()})  # noqa: SIM118 (safe_open is not a mapping)
+        return cls(folder, where)
+
+    def has(self, name: str) -> bool:
+        return name in self.where and any(k.startswith(f"{name}.quant_state.") for k in self._state_keys(name))
+
+    def _state_keys(self, name: str) -> list[str]:
+        return [k for k in self.where if k.startswith(name + ".")]
+
+    def dequantized(self, name: str, device: torch.device) -> torch.Tensor:
+        import bitsandbytes.functional as F
+        from safetensors import safe_open
+
+        def read(key: str) -> torch.Tensor:
+            with safe_open(self.where[key], framework="pt") as f:
+                return f.get_tensor(key).clone()  # off the memory map before the file closes
+
+        state = F.QuantState.from_dict({k[len(name) + 1 :]: read(k) for k in self._state_keys(name)}, device)
+        self.used += 1
+        return F.dequantize_4bit(read(name).to(device), state)
 
 
 def _output_dtype(info: dict, dtype: torch.dtype) -> torch.dtype:
@@ -444,6 +495,7 @@ def _merged_tensor(
     nf4: NF4Rebuild | None,
     lora: _Lora | None,
     transposed: bool = False,
+    already_out_in: bool = False,
 ) -> torch.Tensor:
     """One output tensor, computed exactly as the in-memory path computes it.
 
@@ -452,7 +504,7 @@ def _merged_tensor(
     the checkpoint tensor loaded in ``dtype``. A ``transposed`` (Conv1D) weight is turned to (out, in) first, as
     transformers does before quantizing it, and written back in the checkpoint's (in, out).
     """
-    if transposed:
+    if transposed and not already_out_in:
         tensor = tensor.t()
     if nf4 is not None:
         tensor = nf4.roundtrip(tensor).to("cpu", dtype)
@@ -855,8 +907,9 @@ def _merge_into(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         log.info(
-            "streamed %d tensors in %d shard(s): %d re-quantized, %d with a LoRA delta",
-            counts["tensors"], counts["shards"], counts["quantized"], counts["merged"],
+            "streamed %d tensors in %d shard(s): %d 4-bit (%d of them from the quantize-once cache), %d with a "
+            "LoRA delta", counts["tensors"], counts["shards"], counts["quantized"], counts["from_cache"],
+            counts["merged"],
         )  # fmt: skip
         result = _check_saved(folder, dtype, check, bounds, trust_remote_code) if check else None
         _enforce(result, bounds, dtype, "streaming")
@@ -990,6 +1043,25 @@ def merge_trained(
     }
 
 
+def _cache_of(base: str, meta: dict[str, Any], nf4: NF4Rebuild) -> Path | None:
+    """The quantize-once cache folder a run with the recorded settings left for ``base`` on this machine, if
+    any (the run's ``quant.cache_dir``, else the default folder; ``storage_dtype`` as recorded and resolved)."""
+    from .base_cache import COMPLETE, cache_key
+    from .config import QuantConfig
+    from .plugin import default_cache_dir
+
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        return None
+    recorded = QuantConfig(**meta.get("quant", {}))
+    root = Path(recorded.cache_dir).expanduser() if recorded.cache_dir else default_cache_dir() / "nf4"
+    for quant in (recorded, nf4.quant_config()):
+        candidate = root / cache_key(folder, quant, nf4.compute_dtype, nf4.device)
+        if (candidate / COMPLETE).is_file():
+            return candidate
+    return None
+
+
 def merge_command(
     base: str,
     adapter: str,
@@ -1036,6 +1108,8 @@ def merge_command(
         log.warning("%s has no %s: assuming NF4 with double quantization", adapter_dir, QUANT_META)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nf4 = NF4Rebuild.from_meta(meta, device) if merge_base == "dequantized" else None
+    if nf4 is not None:
+        nf4 = dataclasses.replace(nf4, cache=_cache_of(base, meta, nf4))
     compute = resolve_dtype(meta.get("compute_dtype", "auto"), device)
     dtype = (checkpoint_dtype(base) or compute) if dtype_name == "auto" else resolve_dtype(dtype_name, device)
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)

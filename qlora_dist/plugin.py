@@ -379,6 +379,10 @@ class QLoRAPlugin:
         if cfg.output.merge and cfg.output.merge_base == "dequantized":
             # Rank 0 rebuilds the trained-against NF4 weights from the checkpoint files: nothing to gather.
             dequantized = NF4Rebuild.of(self.quant, self.compute_dtype, accelerator.device, unwrapped)
+            load = self.facts.get("base_load") or {}
+            if load.get("source") in ("cache", "built") and load.get("cache_dir"):
+                # The packed weights this rank trained on: dequantized by the merge, not quantized again.
+                dequantized = dataclasses.replace(dequantized, cache=Path(load["cache_dir"]))
         # Every rank leaves the process group together, before rank 0 merges: no collective can then wait (or
         # time out) during the merge, and no rank exits while its peers still hold connections to it (gloo
         # aborted at exit in that state, intermittently).
