@@ -186,8 +186,8 @@ def test_a_corrupted_merge_fails_the_loss_check(trained, tmp_path, monkeypatch):
     bound, on both architectures.)"""
     real = merge_mod._merged_tensor
 
-    def wrong(name, tensor, dtype, nf4, lora, transposed=False):
-        out = real(name, tensor, dtype, nf4, lora, transposed)
+    def wrong(name, tensor, dtype, nf4, lora, transposed=False, **kwargs):
+        out = real(name, tensor, dtype, nf4, lora, transposed, **kwargs)
         return out * 3 if name == "lm_head.weight" else out
 
     monkeypatch.setattr(merge_mod, "_merged_tensor", wrong)

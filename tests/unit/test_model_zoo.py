@@ -196,8 +196,8 @@ def test_a_merge_over_the_bound_leaves_nothing_and_fails(tiny_model, small_alpac
 
     real = merge_mod._merged_tensor
 
-    def wrong(name, tensor, dtype, nf4, lora, transposed=False):
-        out = real(name, tensor, dtype, nf4, lora, transposed)
+    def wrong(name, tensor, dtype, nf4, lora, transposed=False, **kwargs):
+        out = real(name, tensor, dtype, nf4, lora, transposed, **kwargs)
         return out + 0.05 * torch.randn_like(out) if lora is not None else out
 
     monkeypatch.setattr(merge_mod, "_merged_tensor", wrong)
