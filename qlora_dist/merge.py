@@ -441,12 +441,15 @@ def _stream(plan: _Plan, out_dir: Path, dtype: torch.dtype, nf4: NF4Rebuild | No
     }
 
 
+_QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
 class _CachedNF4:
     """The packed NF4 weights of a quantize-once cache folder, read one weight (and its quantization state) at
     a time through ``safe_open`` and dequantized by bitsandbytes."""
 
-    def __init__(self, folder: Path, where: dict[str, Path]) -> None:
-        self.folder, self.where, self.used = folder, where, 0
+    def __init__(self, where: dict[str, Path], states: dict[str, list[str]]) -> None:
+        self.where, self.states, self.used = where, states, 0
 
     @classmethod
     def open(cls, folder: Path) -> _CachedNF4 | None:
@@ -460,13 +463,20 @@ class _CachedNF4:
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(file, framework="pt") as f:
                 where.update({key: file for key in f.keys()})  # noqa: SIM118 (safe_open is not a mapping)
-        return cls(folder, where)
+        # Each 4-bit weight's state tensors, grouped once: ``<weight>.quant_state.bitsandbytes__nf4`` and
+        # ``<weight>.absmax`` / ``quant_map`` / ``nested_absmax`` / ``nested_quant_map`` (bitsandbytes' names).
+        states: dict[str, list[str]] = {}
+        for key in where:
+            owner, sep, _ = key.partition(".quant_state.")
+            if not sep:
+                owner, _, last = key.rpartition(".")
+                if last not in _QUANT_STATE_PARTS:
+                    continue
+            states.setdefault(owner, []).append(key)
+        return cls(where, {w: keys for w, keys in states.items() if any(".quant_state." in k for k in keys)})
 
     def has(self, name: str) -> bool:
-        return name in self.where and any(k.startswith(f"{name}.quant_state.") for k in self._state_keys(name))
-
-    def _state_keys(self, name: str) -> list[str]:
-        return [k for k in self.where if k.startswith(name + ".")]
+        return name in self.where and name in self.states
 
     def dequantized(self, name: str, device: torch.device) -> torch.Tensor:
         import bitsandbytes.functional as F
@@ -476,7 +486,7 @@ class _CachedNF4:
             with safe_open(self.where[key], framework="pt") as f:
                 return f.get_tensor(key).clone()  # off the memory map before the file closes
 
-        state = F.QuantState.from_dict({k[len(name) + 1 :]: read(k) for k in self._state_keys(name)}, device)
+        state = F.QuantState.from_dict({k[len(name) + 1 :]: read(k) for k in self.states[name]}, device)
         self.used += 1
         return F.dequantize_4bit(read(name).to(device), state)
 
