@@ -78,7 +78,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
         selected = hidden.flatten(0, 1).index_select(0, rows)
         loss = _ChunkedLoss.apply(selected, labels.index_select(0, rows), head, chunk)
     _record(model, CHUNKED)
-    if _fsdp2_managed(model):
+    if head.fsdp2:
         # FSDP2 runs its root's backward bookkeeping from hooks on the root's outputs; a loss that uses none of
         # them (ours reads the decoder's hidden states) leaves the root mid-forward, and the backward then
         # crashed (SIGSEGV, torch 2.13, CPU/gloo). A zero gradient into the one-row logits runs those hooks.
@@ -143,6 +143,8 @@ class HeadSpec:
     """``("mul", s)`` (Cohere's ``logit_scale``) or ``("div", s)`` (Granite's ``logits_scaling``)."""
     softcap: float | None = None
     """Gemma 2/3: ``cap * tanh(logits / cap)``."""
+    fsdp2: bool = False
+    """The model is under FSDP2's ``fully_shard`` (the loss is then tied to its output, see token_loss_sum)."""
     _whole: tuple | None = dataclasses.field(default=None, repr=False)
     """(weight, bias) made whole from FSDP2 shards, inside :meth:`gathered`."""
 
@@ -167,7 +169,7 @@ class HeadSpec:
             scale = ("div", float(config.logits_scaling))
         softcap = getattr(config, "final_logit_softcapping", None)
         vocab = int(head.out_features)  # not weight.shape: ZeRO-3 leaves a 0-sized placeholder there
-        return cls(lm.get_decoder(), head, vocab, scale, float(softcap) if softcap else None)
+        return cls(lm.get_decoder(), head, vocab, scale, float(softcap) if softcap else None, _fsdp2_managed(model))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``hidden`` rows, in its own dtype and order of operations."""
