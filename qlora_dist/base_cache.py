@@ -142,7 +142,10 @@ def load_base(
             source = "checkpoint"
         else:
             try:
-                _write(model, folder, model_dir)
+                from .model import base_checksum
+
+                # Recorded with the folder: every later load is checked against it (:func:`verify`).
+                _write(model, folder, model_dir, base_checksum(model))
                 source = "built"
             except OSError as e:  # a full or read-only cache folder slows the start, it must not stop the run
                 log.warning("could not write the quantized-base cache %s (%s): every rank quantizes", folder, e)
@@ -168,7 +171,27 @@ def load_base(
     return model, _done(source, start, io_start, files, str(folder) if source != "checkpoint" else None, why)
 
 
-def _write(model: nn.Module, folder: Path, model_dir: Path) -> None:
+def verify(load: BaseLoad, checksum: str) -> None:
+    """A base loaded from the cache (``load``) must have the checksum recorded when the cache was written: the
+    bits quantizing the checkpoint gave. ``checksum`` is :func:`qlora_dist.model.base_checksum` of the loaded
+    base (the run computes it anyway). Raises a UserError naming the folder on a mismatch."""
+    if load.source != "cache" or load.cache_dir is None:
+        return
+    from .errors import UserError
+
+    recorded = json.loads((Path(load.cache_dir) / COMPLETE).read_text()).get("checksum")
+    if recorded is None:
+        log.warning("the quantized-base cache %s records no checksum (written by an older version): not verified",
+                    load.cache_dir)  # fmt: skip
+    elif recorded != checksum:
+        raise UserError(
+            f"the quantized base cached in {load.cache_dir} does not match what was written there (checksum "
+            f"{checksum[:12]} against {recorded[:12]}): it is damaged; move or delete that folder and start again "
+            "(it is rebuilt), or set quant.cache: false"
+        )
+
+
+def _write(model: nn.Module, folder: Path, model_dir: Path, checksum: str) -> None:
     """Save the quantized ``model`` into ``folder`` atomically (a temporary folder, then a rename)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -179,7 +202,7 @@ def _write(model: nn.Module, folder: Path, model_dir: Path) -> None:
         with moe.set_aside(model) as experts:  # NF4 experts: files of their own (the module docstring)
             model.save_pretrained(tmp, safe_serialization=True)
         moe.save_cached(experts, tmp)
-        info = {"key": folder.name, "base": str(model_dir.resolve()), "written": time.time()}
+        info = {"key": folder.name, "base": str(model_dir.resolve()), "written": time.time(), "checksum": checksum}
         (tmp / COMPLETE).write_text(json.dumps(info, indent=2) + "\n")
         for f in tmp.iterdir():
             fsync_file(f)

@@ -161,6 +161,7 @@ class QLoRAPlugin:
         self.coverage = coverage.measure(base)
         coverage.require_qlora(self.coverage, model_type, quant.allow_unquantized, "measured on the loaded model")
         self.facts["base_checksum_before"] = model_mod.base_checksum(base, self.strategy.gathered)
+        base_cache.verify(how, self.facts["base_checksum_before"])  # a cached base must be what was quantized
         if cfg.train.gradient_checkpointing:
             model_mod.enable_gradient_checkpointing(base)
         # Seed right before LoRA init so every rank starts from the same adapter weights.

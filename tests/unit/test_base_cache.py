@@ -258,3 +258,32 @@ def test_the_report_says_why_the_cache_was_not_used(base_dir):
                                   None, True, lambda: None, "quant.cache is false")  # fmt: skip
     assert (off.source, off.reason) == ("checkpoint", "quant.cache is false")
     assert base_cache.report(off)["reason"] == "quant.cache is false"
+
+
+def test_a_damaged_cache_is_refused_by_its_recorded_checksum(base_dir, tmp_path):
+    """The builder records the checksum of what it quantized; a later load whose bytes differ (one packed byte
+    flipped on disk here) is refused, naming the folder, rather than trained on."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_dist.errors import UserError
+
+    root, quant = tmp_path / "cache", QuantConfig(storage_dtype="uint8")
+    built, first = cached(base_dir, root, quant)
+    folder = root / next(p.name for p in root.iterdir())
+    recorded = json.loads((folder / base_cache.COMPLETE).read_text())["checksum"]
+    assert recorded == model_mod.base_checksum(built)
+    loaded, second = cached(base_dir, root, quant)
+    base_cache.verify(second, model_mod.base_checksum(loaded))  # intact: passes
+
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    name = next(k for k, t in tensors.items() if t.dtype == torch.uint8 and k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] ^= 0xFF
+    save_file(tensors, file, metadata={"format": "pt"})
+    damaged, third = cached(base_dir, root, quant)
+    assert third.source == "cache"
+    with pytest.raises(UserError, match=f"cached in {folder}.*damaged"):
+        base_cache.verify(third, model_mod.base_checksum(damaged))
