@@ -126,6 +126,41 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+def write_subsections(path: Path, section: str) -> None:
+    """Replace, in the section of ``path`` titled by ``section``'s first line, only the ``### `` subsections
+    that ``section`` holds (matched by their titles up to the first colon), keeping the section's other lines:
+    a partial rerun (``--only``) must not drop the tables it did not measure."""
+    title = section.splitlines()[0].strip()
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if title not in (line.strip() for line in lines):
+        return write_section(path, section)
+    start = next(i for i, line in enumerate(lines) if line.strip() == title)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = _blocks(section.splitlines())
+    old = _blocks(lines[start:end])
+    kept = [new.pop(key) if key in new else block for key, block in old.items()]
+    body = [line for block in kept + list(new.values()) for line in _trimmed(block) + [""]]
+    path.write_text("\n".join(lines[:start] + body + lines[end:]).rstrip("\n") + "\n", encoding="utf-8")
+
+
+def _trimmed(block: list[str]) -> list[str]:
+    while block and not block[-1].strip():
+        block = block[:-1]
+    return block
+
+
+def _blocks(lines: list[str]) -> dict[str, list[str]]:
+    """The lines before the first ``### `` title (key ``""``), then each subsection, keyed by its title's start."""
+    out: dict[str, list[str]] = {"": []}
+    key = ""
+    for line in lines:
+        if line.startswith("### "):
+            key = line.split(":")[0]
+            out[key] = []
+        out[key].append(line)
+    return out
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This environment with the repository on ``PYTHONPATH`` (children run ``python -m benchmarks.*``)."""
     env = dict(os.environ)

@@ -121,8 +121,9 @@ class DataConfig:
     group_by_length: bool = False
     """Put examples of similar length in the same batch (less padding when not packing); the order stays seeded."""
     balance_tokens: bool = True
-    """Split each optimizer step's examples over ranks and micro-batches by tokens, not by count, so no rank
-    waits for one that pads to a longer example; the examples of each step stay the same."""
+    """Split each optimizer step's examples over ranks and micro-batches by predicted work (padded tokens,
+    attention, labelled tokens), not by count, so no rank waits for one that pads to a longer example; the
+    examples of each step stay the same (ranks may run up to twice grad_accum, smaller, micro-batches)."""
     eval_fraction: float = 0.0
     """Share of examples held out for the eval loss (0 disables eval)."""
 

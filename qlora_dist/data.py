@@ -25,10 +25,8 @@ from the end of the previous one.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +38,7 @@ from typing import Any
 import datasets
 import torch
 
+from .balance import StepCost, split_by_tokens
 from .config import DataConfig
 from .datafile import check_path
 from .errors import DataError
@@ -894,6 +893,14 @@ def example_lengths(dataset: Any) -> list[int]:
     return [len(row["input_ids"]) for row in dataset]
 
 
+def example_label_counts(dataset: Any) -> list[int]:
+    """Labelled tokens (labels other than -100) in each row: the ``num_tokens`` column the data cache keeps,
+    or counted from ``labels``."""
+    if isinstance(dataset, datasets.Dataset) and "num_tokens" in dataset.column_names:
+        return dataset.with_format("arrow")[:]["num_tokens"].to_pylist()
+    return [sum(label != IGNORE_INDEX for label in row["labels"]) for row in dataset]
+
+
 def rank_indices(
     n: int,
     seed: int,
@@ -934,6 +941,8 @@ def balanced_step_batches(
     lengths: Sequence[int],
     start: int = 0,
     group_lengths: Sequence[int] | None = None,
+    labelled: Sequence[int] | None = None,
+    cost: StepCost | None = None,
 ) -> Iterator[list[list[int]]]:
     """This rank's micro-batches, one list per optimizer step, with each step's examples split over ranks and
     micro-batches by tokens instead of by count (``data.balance_tokens``).
@@ -941,8 +950,9 @@ def balanced_step_batches(
     Every step takes the same contiguous block of the epoch's order as the count split does (``global batch =
     micro_batch_size x grad_accum x world_size`` examples; the order as in :func:`rank_indices`, grouped by
     ``group_lengths`` when given), so the examples of a step depend on the global batch only: a resumed run and
-    1 rank x 2b still see what 2 ranks x b see. Only their placement changes (:func:`split_by_tokens`); the
-    loss is normalised over the whole global batch, so the gradient is the same.
+    1 rank x 2b still see what 2 ranks x b see. Only their placement changes (:func:`.balance.split_by_tokens`,
+    with ``labelled`` tokens per example and the model's ``cost``); the loss is normalised over the whole global
+    batch, so the gradient is the same.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -950,83 +960,7 @@ def balanced_step_batches(
     rest = epoch_order(n, seed, epoch, group_lengths, global_batch)[start:]
     rest = rest[: len(rest) - len(rest) % world_size]
     for begin in range(0, len(rest), global_batch):
-        yield split_by_tokens(rest[begin : begin + global_batch], lengths, world_size, grad_accum)[rank]
-
-
-_BALANCE_SWEEPS = 8
-
-
-def split_by_tokens(
-    block: Sequence[int], lengths: Sequence[int], world_size: int, grad_accum: int
-) -> list[list[list[int]]]:
-    """``[rank][micro-batch] -> example indices`` for one optimizer step's ``block`` (its length a multiple of
-    ``world_size``), so that the ranks' padded tokens (rows x longest row, summed over their micro-batches) are
-    about equal: no rank waits in the gradient all-reduce for one that pads to a longer example.
-
-    Every rank gets the same number of micro-batches, ``min(grad_accum, len(block) / world_size)`` (FSDP2 and
-    ZeRO run collectives in every forward, so every rank must run as many), none empty; how many examples a
-    rank takes is free, so a rank holding a long outlier is matched by one holding many short examples.
-
-    The examples, longest first, are cut into that many micro-batches in all, each a contiguous run (similar
-    lengths together: little padding), with the largest padded size as small as it can be (a binary search on
-    it, filling greedily); so the micro-batches cost about the same, and each rank, taking as many of them,
-    the costliest first to the rank with the smallest total, pads to about the same total. No micro-batch is
-    larger than the count split's can be (its rows of the block's longest example), so memory stays within
-    the plan. A pure function of its arguments (ties go to the earlier micro-batch and the lower rank).
-    """
-    ordered = sorted(block, key=lambda i: (-lengths[i], i))
-    per_rank = len(ordered) // world_size
-    if per_rank * world_size != len(ordered) or not ordered:
-        raise ValueError(f"a block of {len(ordered)} examples does not split over {world_size} ranks")
-    bins = min(grad_accum, per_rank)
-    size = [max(1, lengths[i]) for i in ordered]
-    parts_wanted = world_size * bins
-
-    def cut(limit: int) -> list[tuple[int, int]]:
-        """Greedy contiguous runs of padded size <= limit (each run pads to its first, longest, row)."""
-        runs, i = [], 0
-        while i < len(size):
-            end = min(len(size), i + max(1, limit // size[i]))
-            runs.append((i, end))
-            i = end
-        return runs
-
-    # The count split's micro-batches (ceil(per_rank / bins) rows of the longest) always fit in `parts_wanted`.
-    low, high = size[0], math.ceil(per_rank / bins) * size[0]
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if len(cut(mid)) <= parts_wanted else (mid + 1, high)
-    runs = cut(low)
-    cost = lambda run: (run[1] - run[0]) * size[run[0]]  # noqa: E731
-    # Fewer runs than micro-batches: halve the costliest run of two or more rows (never costlier) until enough.
-    heap = [(-cost(run), run) for run in runs if run[1] - run[0] > 1]
-    heapq.heapify(heap)
-    singles = [run for run in runs if run[1] - run[0] == 1]
-    while len(heap) + len(singles) < parts_wanted:
-        _, (a, b) = heapq.heappop(heap)
-        for half in ((a, (a + b) // 2), ((a + b) // 2, b)):
-            (heapq.heappush(heap, (-cost(half), half)) if half[1] - half[0] > 1 else singles.append(half))
-    runs = sorted([run for _, run in heap] + singles)
-    # The greedy fill leaves the last runs short (the rest of the examples); even the costs out by moving each
-    # boundary between neighbours to where the costlier of the two is cheapest (the largest never grows). A few
-    # sweeps, alternating direction, do most of it; all ranks compute this every step, so it must stay cheap.
-    for sweep in range(_BALANCE_SWEEPS):
-        moved = False
-        for j in range(len(runs) - 1) if sweep % 2 == 0 else range(len(runs) - 2, -1, -1):
-            (a, m), (_, b) = runs[j], runs[j + 1]
-            best = min(range(a + 1, b), key=lambda x: (max((x - a) * size[a], (b - x) * size[x]), abs(x - m)))
-            if best != m:
-                runs[j], runs[j + 1], moved = (a, best), (best, b), True
-        if not moved:
-            break
-    out: list[list[list[int]]] = [[] for _ in range(world_size)]
-    open_ranks = [(0, r) for r in range(world_size)]  # (padded total, rank) of ranks with room for a run
-    for k in sorted(range(len(runs)), key=lambda j: (-cost(runs[j]), j)):
-        total, r = heapq.heappop(open_ranks)
-        out[r].append(ordered[runs[k][0] : runs[k][1]])
-        if len(out[r]) < bins:
-            heapq.heappush(open_ranks, (total + cost(runs[k]), r))
-    return out
+        yield split_by_tokens(rest[begin : begin + global_batch], lengths, world_size, grad_accum, labelled, cost)[rank]
 
 
 def examples_in_step(n: int, start: int, global_batch: int, world_size: int) -> int:

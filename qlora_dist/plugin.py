@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import attention, base_cache, checkpoint, lock, preemption, quiet
+from . import attention, balance, base_cache, checkpoint, lock, preemption, quiet
 from . import data as data_mod
 from . import model as model_mod
 from . import trackers as tracker_mod
@@ -77,6 +77,8 @@ class QLoRAPlugin:
         self._prepared = False  # whether prepare() wrapped the model (the comm counters are attached)
         self.compute_dtype: torch.dtype | None = None  # known once there is an accelerator (its device)
         self.tracker_ids: dict[str, str] = {}
+        # Predicted micro-batch work for data.balance_tokens: padded tokens until load_model reads the model's.
+        self.step_cost = balance.StepCost()
         # Library use gets the command line's quiet set-up, without replacing a logging set-up of its own.
         quiet.setup_logging(force=False)
 
@@ -167,6 +169,8 @@ class QLoRAPlugin:
         # Seed right before LoRA init so every rank starts from the same adapter weights.
         torch.manual_seed(cfg.train.seed)
         model = model_mod.attach_lora(base, cfg.lora)
+        # What a micro-batch of this model costs, for the token-balanced split (the same on every rank).
+        self.step_cost = balance.StepCost.of_config(base.config, accelerator.device.type)
         trainable, total = model_mod.count_params(model)
         self.facts.update(
             trainable_params=trainable,
@@ -313,6 +317,7 @@ class QLoRAPlugin:
             steps = data_mod.balanced_step_batches(
                 len(dataset), t.seed, epoch, rank, world_size, t.micro_batch_size, t.grad_accum,
                 lengths or data_mod.example_lengths(dataset), start=start, group_lengths=lengths,
+                labelled=data_mod.example_label_counts(dataset), cost=self.step_cost,
             )  # fmt: skip
             for micro in steps:
                 yield [self._batch(dataset, idx, pad_id) for idx in micro]
@@ -435,6 +440,8 @@ class QLoRAPlugin:
             "base_checksum_after": [r["base_checksum_after"] for r in per_rank],
             "lora_checksum_per_rank": [r["lora_checksum"] for r in per_rank],
             "examples_per_rank": [len(r["indices"]) for r in per_rank] if any(r["indices"] for r in per_rank) else None,
+            # The prediction data.balance_tokens placed the examples by (null: the count split).
+            "balance_cost": dataclasses.asdict(self.step_cost) if cfg.data.balance_tokens else None,
             "data_shards": shard_facts([r["indices"] for r in per_rank], stats.get("num_examples")),
             "data_sources": self.facts.get("data_sources"),
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
