@@ -261,9 +261,9 @@ def run_startup(work: Path, shape: Shape) -> dict[str, dict]:
         run = _train(work, f"startup_{name}", model_dir, cache, train, quant, data)
         loads = run["report"]["base_load_per_rank"]
         out[name] = {"wall_s": run["wall_s"], "base_load": loads, "checksum": run["report"]["base_checksum_before"]}
-        # Process start to the first step: the launch less its training loop (the step itself, the same work in
-        # all three runs, would dilute the ratio; what follows the loop, saving a small adapter, stays in).
-        out[name]["startup_s"] = run["wall_s"] - run["report"]["train_seconds"]
+        # Rank 0's process start to its first step (the step itself, the same work in all three runs, and what
+        # follows it would dilute the ratio).
+        out[name]["startup_s"] = run["report"]["startup_seconds"]
         print(f"  start-up {name}: wall {run['wall_s']:.1f}s, loads {loads}", flush=True)
     out["params"] = run["report"]["total_params"]
     out["checkpoint_bytes"] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -282,7 +282,8 @@ def run_wait(work: Path, shape: Shape) -> dict[str, dict]:
             r = run["report"]
             step_s = r["train_seconds"] / r["steps"]
             shares = [c / step_s if c is not None else None for c in r["comm_seconds_per_step"]]
-            runs[name].append({"comm_share_per_rank": shares, "tokens_per_s": r["tokens_per_s"], "step_s": step_s})
+            runs[name].append({"comm_share_per_rank": shares, "tokens_per_s": r["tokens_per_s"], "step_s": step_s,
+                               "micro_batches_per_step": r.get("micro_batches_per_step")})  # fmt: skip
             print(f"  rank wait {name} repeat {i}: {runs[name][-1]}", flush=True)
     out = {}
     for name, rows in runs.items():
@@ -294,6 +295,7 @@ def run_wait(work: Path, shape: Shape) -> dict[str, dict]:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
             "tokens_per_s_runs": [r["tokens_per_s"] for r in rows],
             "step_s": statistics.median(r["step_s"] for r in rows),
+            "micro_batches_per_step": [r["micro_batches_per_step"] for r in rows],
         }
     return out
 
@@ -345,7 +347,7 @@ def render(result: dict, command: str) -> str:
             f"{s['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint, `qlora-dist train` for one step "
             f"(measured {s.get('measured', result['when'])})",
             "",
-            "| run | launch wall s | / uncached | start-up s (launch less training loop) | / uncached | "
+            "| run | launch wall s | / uncached | start-up s (rank 0: process start to first step) | / uncached | "
             "base load s (rank 0, 1) | source (rank 0, 1) | weight bytes read (rank 0, 1) | disk reads (rank 0, 1) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -377,17 +379,18 @@ def render(result: dict, command: str) -> str:
             f"(measured {w.get('measured', result['when'])})",
             "",
             "| split | all-reduce in flight / step, median (rank 0, 1) | largest rank's, each run | step s | "
-            "non-pad tokens/s | / count split |",
-            "|---|---|---|---|---|---|",
+            "non-pad tokens/s | / count split | micro-batches / step / rank, each run |",
+            "|---|---|---|---|---|---|---|",
         ]
         base = w["count_split"]["tokens_per_s"]
         for name in ("count_split", "token_balanced"):
             r = w[name]
             shares = ", ".join("n/a" if c is None else f"{100 * c:.0f}%" for c in r["comm_share_per_rank"])
             each = ", ".join(f"{100 * c:.0f}%" for c in r.get("largest_share", []))
+            micro = ", ".join("n/a" if m is None else f"{m:.2f}" for m in r.get("micro_batches_per_step", []))
             lines.append(
                 f"| {name} | {shares} | {each} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                f"{r['tokens_per_s'] / base:.2f} |"
+                f"{r['tokens_per_s'] / base:.2f} | {micro or 'n/a'} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -47,6 +47,17 @@ class MetricsLog:
             self.sink(row)
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: ``/proc``), or None where that is not known. Measured from
+    the process's own start, so interpreter start-up and imports count as well."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (a reader sees old or new, whole)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -23,7 +23,7 @@ from .loss import loss_path, real_token_count, target_count, token_loss_sum
 from .plugin import QLoRAPlugin
 from .preemption import StopSignal
 from .progress import Progress
-from .report import MetricsLog, plot_loss
+from .report import MetricsLog, plot_loss, process_seconds
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,11 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     progress = Progress(state.total_steps, state.step, accelerator.is_main_process, t.progress_steps)
 
     loss = eval_loss = None
+    startup_seconds = process_seconds()  # process start to the first step: what the quantize-once cache cuts
     model.train()
     stop.enter(preemption.LOOP)
     start, seconds_before = time.perf_counter(), state.train_seconds
+    launch_steps = launch_micro_batches = 0  # this launch's (data.balance_tokens may split a step finer)
     stopped_by_callback = False
     while not finished(state, t) and not stopped_by_callback:
         # A new order each epoch, a pure function of (seed, epoch); each example goes to exactly one rank. A
@@ -93,6 +95,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
             state.step += 1
+            launch_steps, launch_micro_batches = launch_steps + 1, launch_micro_batches + len(micro_batches)
             state.epoch_position += plugin.examples_in_step(train_data, state.epoch_position, world)
             state.initial_loss = loss if state.initial_loss is None else state.initial_loss
             state.tokens += step_tokens
@@ -147,6 +150,8 @@ def train(config: RunConfig) -> dict[str, Any] | None:
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "train_seconds": round(state.train_seconds, 3),
         "resumed_from_step": resumed_from_step,
+        "startup_seconds": startup_seconds,
+        "micro_batches_per_step": round(launch_micro_batches / launch_steps, 3) if launch_steps else None,
         "loss": loss_path(model),  # "chunked", or "full logits: <why>" (qlora_dist.loss)
     }
     if accelerator.is_main_process:

@@ -104,3 +104,27 @@ def test_markdown_section_replaces_only_its_own_section(tmp_path):
     # The CPU note, once, in the default section.
     note = 0 if torch.cuda.is_available() else 1
     assert text.split("## Training throughput, 8 rows")[0].count("Reading these numbers") == note
+
+
+def test_a_partial_rerun_replaces_only_its_own_tables(tmp_path):
+    """``benchmarks.memory --only wait`` rewrites the rank-wait table and the section's header, and keeps the
+    loss and start-up tables (and the notes under them) it did not measure."""
+    from benchmarks.common import write_subsections
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(
+        "# Benchmarks\n\n## Memory and start-up\n\nMeasured old.\n\n### Loss: shape (measured 1)\n\nloss table\n\n"
+        "### Rank wait: 2 ranks (measured 1)\n\nold wait\n\n### Start-up: 2 ranks (measured 1)\n\nstart-up table\n\n"
+        "Notes kept.\n\n## Merge\n\nmerge numbers\n"
+    )
+    write_subsections(
+        path, "## Memory and start-up\n\nMeasured new.\n\n### Rank wait: 2 ranks (measured 2)\n\nnew wait\n"
+    )
+    text = path.read_text()
+    assert "old wait" not in text and "new wait" in text and "Measured new." in text and "Measured old." not in text
+    assert (
+        "loss table" in text
+        and "start-up table\n\nNotes kept." in text
+        and text.endswith("## Merge\n\nmerge numbers\n")
+    )
+    assert text.index("### Loss") < text.index("### Rank wait") < text.index("### Start-up"), "the order stays"
