@@ -175,7 +175,7 @@ class _Runs:
         runs = self._split_to(self.cut(high), wanted)
         self._even(runs)
         owner = self._assign(runs, world_size, bins)
-        self._even_ranks(runs, owner, world_size)
+        self._even(runs, owner, world_size)
         return self._placed(runs, owner, world_size)
 
     def _place_exhaustively(self, world_size: int, bins: int) -> tuple[list[list[list[int]]], float]:
@@ -212,28 +212,6 @@ class _Runs:
                 (heapq.heappush(heap, (-self.of(*half), half)) if half[1] - half[0] > 1 else singles.append(half))
         return sorted([run for _, run in heap] + singles)
 
-    def _even(self, runs: list[tuple[int, int]]) -> None:
-        """Move each boundary between neighbours to where the costlier of the two is cheapest (the greedy cut
-        leaves the last runs short). The left run's cost grows with the boundary and the right one's falls, so
-        the best boundary is where they cross: a binary search, within the memory bound."""
-        for sweep in range(_SWEEPS):
-            moved = False
-            for j in range(len(runs) - 1) if sweep % 2 == 0 else range(len(runs) - 2, -1, -1):
-                (a, m), (_, b) = runs[j], runs[j + 1]
-                low, high = a + 1, b - 1
-                while low < high:  # the first boundary where the left run costs at least the right one
-                    mid = (low + high) // 2
-                    low, high = (mid + 1, high) if self.of(a, mid) < self.of(mid, b) else (low, mid)
-                best = min(
-                    (x for x in (low - 1, low) if a < x < b and self.fits(a, x) and self.fits(x, b)),
-                    key=lambda x: (max(self.of(a, x), self.of(x, b)), abs(x - m)),
-                    default=m,
-                )
-                if max(self.of(a, best), self.of(best, b)) < max(self.of(a, m), self.of(m, b)):
-                    runs[j], runs[j + 1], moved = (a, best), (best, b), True
-            if not moved:
-                break
-
     def _assign(self, runs, world_size: int, bins: int) -> list[int]:
         """The rank of each run: costliest first, to the rank with the least work and room for another."""
         owner = [0] * len(runs)
@@ -246,36 +224,41 @@ class _Runs:
                 heapq.heappush(open_ranks, (total + self.of(*runs[k]), r))
         return owner
 
-    def _busier(self, rest_p: float, a: int, x: int, rest_q: float, b: int) -> float:
-        """The busier rank's work with the boundary between runs ``(a, x)`` and ``(x, b)`` at ``x``."""
-        return max(rest_p + self.of(a, x), rest_q + self.of(x, b))
-
-    def _even_ranks(self, runs: list[tuple[int, int]], owner: list[int], world_size: int) -> None:
-        """Even the ranks' work, not the runs': move each boundary between neighbouring runs of two ranks to
-        where the busier of the two ranks is least busy (a binary search, as in :meth:`_even`)."""
+    def _even(self, runs: list[tuple[int, int]], owner: list[int] | None = None, world_size: int = 0) -> None:
+        """Move each boundary between neighbouring runs to where the busier side is least busy. Without
+        ``owner`` the sides are the two runs (the greedy cut leaves the last runs short); with it, the two
+        runs' ranks and all their work (runs of one rank are skipped). The left side's work grows with the
+        boundary and the right one's falls, so the best boundary is where they cross: a binary search, within
+        the memory bound."""
         work = [0.0] * world_size
-        for run, r in zip(runs, owner, strict=True):
+        for run, r in zip(runs, owner or (), strict=False):
             work[r] += self.of(*run)
         for sweep in range(_SWEEPS):
             moved = False
             for j in range(len(runs) - 1) if sweep % 2 == 0 else range(len(runs) - 2, -1, -1):
-                p, q = owner[j], owner[j + 1]
-                if p == q:
-                    continue
                 (a, m), (_, b) = runs[j], runs[j + 1]
-                rest_p, rest_q = work[p] - self.of(a, m), work[q] - self.of(m, b)
+                rest_p = rest_q = 0.0  # the sides' other work
+                if owner is not None:
+                    p, q = owner[j], owner[j + 1]
+                    if p == q:
+                        continue
+                    rest_p, rest_q = work[p] - self.of(a, m), work[q] - self.of(m, b)
+
+                def busier(x: int, rest_p: float = rest_p, rest_q: float = rest_q, a: int = a, b: int = b) -> float:
+                    return max(rest_p + self.of(a, x), rest_q + self.of(x, b))
 
                 low, high = a + 1, b - 1
-                while low < high:  # the first boundary where rank p has at least rank q's work
+                while low < high:  # the first boundary where the left side has at least the right one's work
                     mid = (low + high) // 2
                     low, high = (mid + 1, high) if rest_p + self.of(a, mid) < rest_q + self.of(mid, b) else (low, mid)
                 best = min(
                     (x for x in (low - 1, low) if a < x < b and self.fits(a, x) and self.fits(x, b)),
-                    key=lambda x: (self._busier(rest_p, a, x, rest_q, b), abs(x - m)),  # noqa: B023 (used here)
+                    key=lambda x: (busier(x), abs(x - m)),
                     default=m,
                 )
-                if self._busier(rest_p, a, best, rest_q, b) < self._busier(rest_p, a, m, rest_q, b):
+                if busier(best) < busier(m):
                     runs[j], runs[j + 1], moved = (a, best), (best, b), True
-                    work[p], work[q] = rest_p + self.of(a, best), rest_q + self.of(best, b)
+                    if owner is not None:
+                        work[p], work[q] = rest_p + self.of(a, best), rest_q + self.of(best, b)
             if not moved:
                 break
