@@ -726,7 +726,7 @@ def _split(examples: list[dict], fraction: float, seed: int, path: Path) -> tupl
 
 def _with_counts(rows: list[dict[str, list[int]]]) -> datasets.Dataset:
     columns: dict[str, list] = {key: [r[key] for r in rows] for key in rows[0]}
-    columns["num_tokens"] = [sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows]
+    columns["num_tokens"] = [label_count(r["labels"]) for r in rows]
     return datasets.Dataset.from_dict(columns)
 
 
@@ -893,12 +893,17 @@ def example_lengths(dataset: Any) -> list[int]:
     return [len(row["input_ids"]) for row in dataset]
 
 
+def label_count(labels: Sequence[int]) -> int:
+    """Labels other than -100: the tokens an example trains on (the data cache's ``num_tokens``)."""
+    return sum(label != IGNORE_INDEX for label in labels)
+
+
 def example_label_counts(dataset: Any) -> list[int]:
     """Labelled tokens (labels other than -100) in each row: the ``num_tokens`` column the data cache keeps,
     or counted from ``labels``."""
     if isinstance(dataset, datasets.Dataset) and "num_tokens" in dataset.column_names:
         return dataset.with_format("arrow")[:]["num_tokens"].to_pylist()
-    return [sum(label != IGNORE_INDEX for label in row["labels"]) for row in dataset]
+    return [label_count(row["labels"]) for row in dataset]
 
 
 def rank_indices(

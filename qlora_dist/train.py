@@ -81,7 +81,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     model.train()
     stop.enter(preemption.LOOP)
     start, seconds_before = time.perf_counter(), state.train_seconds
-    launch_steps = launch_micro_batches = 0  # this launch's (data.balance_tokens may split a step finer)
+    launch_micro_batches = 0  # this launch's (data.balance_tokens may split a step finer than grad_accum)
     stopped_by_callback = False
     while not finished(state, t) and not stopped_by_callback:
         # A new order each epoch, a pure function of (seed, epoch); each example goes to exactly one rank. A
@@ -95,7 +95,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
             grad_norm = strategy.step(accelerator, model, optimizer, t.max_grad_norm)
             scheduler.step()
             state.step += 1
-            launch_steps, launch_micro_batches = launch_steps + 1, launch_micro_batches + len(micro_batches)
+            launch_micro_batches += len(micro_batches)
             state.epoch_position += plugin.examples_in_step(train_data, state.epoch_position, world)
             state.initial_loss = loss if state.initial_loss is None else state.initial_loss
             state.tokens += step_tokens
@@ -137,6 +137,7 @@ def train(config: RunConfig) -> dict[str, Any] | None:
     if eval_data is not None:
         eval_loss = evaluate(model, eval_data, accelerator, t.micro_batch_size, pad_id, loss_chunk_tokens(t))
         metrics.write({"step": state.step, "eval_loss": eval_loss})
+    launch_steps = state.step - (resumed_from_step or 0)
     stats = {
         "steps": state.step,
         "epochs": round(state.epoch + state.epoch_position / len(train_data), 4),
