@@ -116,11 +116,11 @@ def write_section(path: Path, section: str) -> None:
     title = section.splitlines()[0].strip()
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
-    if start is None:
+    span = _section_span(lines, title)
+    if span is None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        start, end = span
         tail = "\n".join(lines[end:])
         new = "\n".join(lines[:start]) + "\n" + section.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else "")
     path.write_text(new, encoding="utf-8")
@@ -132,15 +132,23 @@ def write_subsections(path: Path, section: str) -> None:
     a partial rerun (``--only``) must not drop the tables it did not measure."""
     title = section.splitlines()[0].strip()
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    if title not in (line.strip() for line in lines):
+    span = _section_span(lines, title)
+    if span is None:
         return write_section(path, section)
-    start = next(i for i, line in enumerate(lines) if line.strip() == title)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    start, end = span
     new = _blocks(section.splitlines())
     old = _blocks(lines[start:end])
     kept = [new.pop(key) if key in new else block for key, block in old.items()]
     body = [line for block in kept + list(new.values()) for line in _trimmed(block) + [""]]
     path.write_text("\n".join(lines[:start] + body + lines[end:]).rstrip("\n") + "\n", encoding="utf-8")
+
+
+def _section_span(lines: list[str], title: str) -> tuple[int, int] | None:
+    """The lines ``[start, end)`` of the section titled ``title`` (up to the next ``## ``), or None."""
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+    if start is None:
+        return None
+    return start, next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
 
 
 def _trimmed(block: list[str]) -> list[str]:
