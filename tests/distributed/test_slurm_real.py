@@ -41,9 +41,11 @@ from .slurm_cluster import SlurmCluster, assert_probe, ensure_slurm, wait_probe_
 pytestmark = pytest.mark.distributed
 
 JOB_TIMEOUT_S = 240
-# Plain AdamW, fp32 on CPU: bit-exact resume. Enough steps that three stops can each land mid-run; a
-# checkpoint every 10 steps on top of the ones the stops take. log_steps 1: metrics.jsonl shows every step.
-TRAIN = {"max_steps": 40, "micro_batch_size": 2, "optimizer": "adamw", "save_steps": 10, "log_steps": 1}
+# Plain AdamW, fp32 on CPU: bit-exact resume. Enough steps that three stops can each land mid-run: a step of
+# the tiny model takes 0.1-0.2 s, and the 40 steps once used ran out (6.6 s) before a USR1 sent at the first
+# logged step reached the run through a loaded slurmctld. A checkpoint every 30 steps on top of the ones the
+# stops take. log_steps 1: metrics.jsonl shows every step.
+TRAIN = {"max_steps": 120, "micro_batch_size": 2, "optimizer": "adamw", "save_steps": 30, "log_steps": 1}
 
 
 def _unavailable(reason: str) -> None:
